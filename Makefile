@@ -1,0 +1,40 @@
+# `make serve` and `make test` are all a newcomer needs: both set up .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test check lint typecheck proto proto-check lint-proto clean
+
+$(STAMP): pyproject.toml
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "hub needs Python >= 3.11 (set PY=python3.11)"; exit 1; }
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+node_modules/.bin/buf: package.json
+	npm install --no-audit --no-fund --silent
+	touch $@
+
+## Run the server on the embedded in-memory store (set HUB_REDIS_URL for Redis).
+serve: $(STAMP)
+	$(BIN)/hub serve
+
+## The whole suite: generated code fresh, buf lint, ruff, mypy, then pytest with coverage.
+test: $(STAMP) node_modules/.bin/buf
+	$(BIN)/python scripts/gen_protos.py --check
+	node_modules/.bin/buf lint
+	$(BIN)/ruff check hub tests loadtest scripts
+	$(BIN)/mypy
+	@command -v redis-server >/dev/null || { echo "redis-server not found: the tests start \
+	their own Redis. Install it (Debian/Ubuntu: apt-get install redis-server) or put it on PATH."; exit 1; }
+	$(BIN)/pytest --cov --cov-report=term $(PYTEST_ARGS)
+
+## Regenerate hub/api from protos/.
+proto: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py
+
+clean:
+	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache .coverage

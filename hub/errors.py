@@ -1,0 +1,62 @@
+"""The domain's exceptions. They know nothing of gRPC; `hub.status` maps them to status codes.
+
+    HubError
+     ├── InvalidArgument      a request field is malformed (carries one violation per field)
+     ├── NotFound             the user does not exist
+     ├── AlreadyExists        a unique field (email) is taken
+     ├── VersionConflict      expected_version did not match the stored version
+ ├── Contention           too many concurrent writers on one user; retry the call
+     └── StoreUnavailable     the store (Redis) cannot be reached; nothing was written
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class HubError(Exception):
+    """Base of every error hub raises on purpose; its message is safe to show to callers."""
+
+
+class InvalidArgument(HubError):
+    def __init__(self, *violations: FieldViolation) -> None:
+        self.violations = violations
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+
+    @classmethod
+    def of(cls, field: str, description: str) -> InvalidArgument:
+        return cls(FieldViolation(field, description))
+
+
+class NotFound(HubError):
+    def __init__(self, user_id: str) -> None:
+        self.user_id = user_id
+        super().__init__(f"user {user_id} not found")
+
+
+class AlreadyExists(HubError):
+    def __init__(self, field: str, description: str) -> None:
+        self.field = field
+        super().__init__(description)
+
+
+class VersionConflict(HubError):
+    def __init__(self, user_id: str, expected: int, actual: int) -> None:
+        self.user_id, self.expected, self.actual = user_id, expected, actual
+        super().__init__(f"user {user_id} is at version {actual}, not the expected {expected}")
+
+
+class Contention(HubError):
+    def __init__(self, user_id: str) -> None:
+        super().__init__(f"user {user_id} is changing too fast to update; retry")
+
+
+class StoreUnavailable(HubError):
+    def __init__(self, detail: str = "the user store is unreachable; nothing was written") -> None:
+        super().__init__(detail)

@@ -1,0 +1,57 @@
+"""The store contract. Every write changes the record(s) and appends its event(s) atomically:
+a change never exists without its event, nor an event without its change."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+from hub.domain import Event, NewUser, Position, User, UserPatch
+from hub.errors import HubError
+
+# A bulk row's outcome: its event on success, the refusal otherwise.
+BulkResult = Event | HubError
+
+
+class Store(Protocol):
+    """Raises hub.errors.* (NotFound, AlreadyExists, VersionConflict, StoreUnavailable)."""
+
+    partitions: int
+
+    async def get(self, user_id: str) -> User: ...
+
+    async def create(self, new: NewUser) -> Event: ...
+
+    async def create_many(self, rows: Sequence[NewUser]) -> list[BulkResult]:
+        """Creates rows in one atomic step; a refused row does not stop the others."""
+        ...
+
+    async def update(
+        self, user_id: str, patch: UserPatch, expected_version: int | None = None
+    ) -> Event: ...
+
+    async def delete(self, user_id: str, expected_version: int | None = None) -> Event: ...
+
+    async def list_after(self, after_id: str, limit: int) -> list[User]:
+        """Up to `limit` users with id > after_id, in id order."""
+        ...
+
+    async def history(self, partition: int, after_offset: int, limit: int) -> list[Event]:
+        """Events of one partition with offset > after_offset, oldest first."""
+        ...
+
+    async def position(self) -> Position:
+        """The epoch and each partition's last offset."""
+        ...
+
+    def listen(self) -> AbstractAsyncContextManager[AsyncIterator[list[Event]]]:
+        """Live events, in batches (one per write call and partition), from the moment the
+        context is entered: nothing written after `__aenter__` returns is missed."""
+        ...
+
+    async def ping(self) -> None:
+        """Returns when the store answers; raises StoreUnavailable otherwise."""
+        ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,329 @@
+"""The Redis store: records, indexes and event history in Redis, every write one Lua call.
+
+Keys (prefix `hub` by default):
+    {prefix}:user:{id}   hash  v=version, d=msgpack record (with the password hash, if any)
+    {prefix}:emails      hash  casefolded email -> id (uniqueness, case-insensitive)
+    {prefix}:ids         zset  every id, score 0, so ZRANGE BYLEX pages in id (= creation) order
+    {prefix}:offsets     hash  partition -> last offset
+    {prefix}:epoch       string, set by the first write; a Redis that lost its data gets a new one
+    {prefix}:log:{p}     stream of partition p's events, entry id `{offset}-0`, field e=event
+Channel {prefix}:ev:{p} carries each write's events of partition p (see write.lua).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from importlib.resources import files
+from typing import Any
+
+import msgpack
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from hub.domain import (
+    Event,
+    EventType,
+    NewUser,
+    Position,
+    User,
+    UserPatch,
+    UserStatus,
+    email_key,
+    now_us,
+    partition_of,
+)
+from hub.errors import AlreadyExists, Contention, HubError, NotFound, StoreUnavailable, VersionConflict
+from hub.store.base import BulkResult
+
+_WRITE_LUA = files("hub.store").joinpath("write.lua").read_text()
+_OK, _NOT_FOUND, _EMAIL_TAKEN, _VERSION_MISMATCH, _ID_TAKEN = range(5)
+# An update without expected_version retries its read-modify-write when another writer wins
+# the race; this many losses in a row means the user is too hot to update, so say ABORTED.
+_CAS_ATTEMPTS = 16
+_TYPE_CODE = {EventType.CREATED: "c", EventType.UPDATED: "u", EventType.DELETED: "d"}
+
+
+def _user_fields(u: User) -> list[Any]:
+    return [u.id, u.email, u.name, int(u.status), u.created_at, u.updated_at, u.version]
+
+
+def _user_from(fields: Sequence[Any]) -> User:
+    id_, email, name, status, created, updated, version = fields[:7]
+    return User(id_, email, name, UserStatus(status), created, updated, version)
+
+
+def encode_event(type_: EventType, user: User, ts: int) -> bytes:
+    """An event as stored in history and published: msgpack [type, user fields, ts]."""
+    return msgpack.packb([int(type_), _user_fields(user), ts])
+
+
+def decode_events(message: bytes) -> list[Event]:
+    """A published message: msgpack (epoch, partition, first offset) then its events."""
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(message)
+    epoch, partition, offset = next(unpacker), next(unpacker), next(unpacker)
+    out = []
+    for type_, fields, ts in unpacker:
+        out.append(Event(EventType(type_), _user_from(fields), partition, offset, epoch, ts))
+        offset += 1
+    return out
+
+
+@contextmanager
+def _unavailable() -> Iterator[None]:
+    """Redis connection trouble becomes StoreUnavailable, the one error callers handle."""
+    try:
+        yield
+    except redis_errors.TimeoutError as exc:
+        raise StoreUnavailable("the user store did not answer in time") from exc
+    except (redis_errors.ConnectionError, OSError) as exc:
+        raise StoreUnavailable() from exc
+    except redis_errors.BusyLoadingError as exc:
+        raise StoreUnavailable("the user store is loading its data") from exc
+
+
+class RedisStore:
+    """Usage:
+
+        store = RedisStore(redis.asyncio.Redis.from_url("redis://localhost:6379/0"))
+        event = await store.create(NewUser.build("ada@example.com", "Ada", UserStatus.ACTIVE))
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        partitions: int = 16,
+        history_size: int = 10_000,
+        prefix: str = "hub",
+    ) -> None:
+        self.partitions = partitions
+        self._r = client
+        self._history_size = history_size
+        self._p = prefix
+        self._write = client.register_script(_WRITE_LUA)
+        self._emails, self._ids = f"{prefix}:emails", f"{prefix}:ids"
+        self._offsets, self._epoch = f"{prefix}:offsets", f"{prefix}:epoch"
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> RedisStore:
+        client = aioredis.Redis.from_url(
+            url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=10
+        )
+        return cls(client, **kwargs)
+
+    def _user_key(self, user_id: str) -> str:
+        return f"{self._p}:user:{user_id}"
+
+    def _log_key(self, partition: int) -> str:
+        return f"{self._p}:log:{partition}"
+
+    def _channel(self, partition: int) -> str:
+        return f"{self._p}:ev:{partition}"
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def _read(self, user_id: str) -> tuple[User, str | None]:
+        with _unavailable():
+            raw = await self._r.hget(self._user_key(user_id), "d")
+        if raw is None:
+            raise NotFound(user_id)
+        fields = msgpack.unpackb(raw)
+        return _user_from(fields), fields[7]
+
+    async def get(self, user_id: str) -> User:
+        return (await self._read(user_id))[0]
+
+    async def password_hash(self, user_id: str) -> str | None:
+        return (await self._read(user_id))[1]
+
+    async def list_after(self, after_id: str, limit: int) -> list[User]:
+        start = f"({after_id}" if after_id else "-"
+        with _unavailable():
+            ids = await self._r.zrange(self._ids, start, "+", bylex=True, offset=0, num=limit)
+            if not ids:
+                return []
+            async with self._r.pipeline(transaction=False) as pipe:
+                for i in ids:
+                    pipe.hget(self._user_key(i.decode()), "d")
+                raws = await pipe.execute()
+        # A user deleted between the two calls is skipped, as if listed a moment later.
+        return [_user_from(msgpack.unpackb(raw)) for raw in raws if raw is not None]
+
+    async def history(self, partition: int, after_offset: int, limit: int) -> list[Event]:
+        with _unavailable():
+            epoch, entries = await self._r.get(self._epoch), await self._r.xrange(
+                self._log_key(partition), min=f"{after_offset + 1}-0", max="+", count=limit
+            )
+        out = []
+        for entry_id, data in entries:
+            type_, fields, ts = msgpack.unpackb(data[b"e"])
+            offset = int(entry_id.split(b"-", 1)[0])
+            out.append(
+                Event(EventType(type_), _user_from(fields), partition, offset, epoch.decode(), ts)
+            )
+        return out
+
+    async def position(self) -> Position:
+        with _unavailable():
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.set(self._epoch, secrets.token_hex(4), nx=True)
+                pipe.get(self._epoch)
+                pipe.hmget(self._offsets, list(range(self.partitions)))
+                _, epoch, offsets = await pipe.execute()
+        return Position(epoch.decode(), tuple(int(o or 0) for o in offsets))
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def create(self, new: NewUser) -> Event:
+        (result,) = await self.create_many([new])
+        if isinstance(result, HubError):
+            raise result
+        return result
+
+    async def create_many(self, rows: Sequence[NewUser]) -> list[BulkResult]:
+        ops = [
+            _Op(EventType.CREATED, r.user, 0, "", email_key(r.user.email), r.password_hash)
+            for r in rows
+        ]
+        return await self._apply(ops)
+
+    async def update(
+        self, user_id: str, patch: UserPatch, expected_version: int | None = None
+    ) -> Event:
+        for _ in range(_CAS_ATTEMPTS):
+            current, pw_hash = await self._read(user_id)
+            if expected_version is not None and current.version != expected_version:
+                raise VersionConflict(user_id, expected_version, current.version)
+            updated = patch.apply(current)
+            op = _Op(
+                EventType.UPDATED, updated, current.version,
+                email_key(current.email), email_key(updated.email), pw_hash,
+            )
+            (result,) = await self._apply([op])
+            if not isinstance(result, _Raced):
+                return _raise_or_return(result)
+            if expected_version is not None:
+                raise VersionConflict(user_id, expected_version, result.stored)
+        raise Contention(user_id)
+
+    async def delete(self, user_id: str, expected_version: int | None = None) -> Event:
+        for _ in range(_CAS_ATTEMPTS):
+            current, _hash = await self._read(user_id)
+            if expected_version is not None and current.version != expected_version:
+                raise VersionConflict(user_id, expected_version, current.version)
+            gone = User(
+                current.id, current.email, current.name, current.status,
+                current.created_at, max(now_us(), current.updated_at), current.version + 1,
+            )
+            key = email_key(current.email)
+            op = _Op(EventType.DELETED, gone, current.version, key, key, None)
+            (result,) = await self._apply([op])
+            if not isinstance(result, _Raced):
+                return _raise_or_return(result)
+            if expected_version is not None:
+                raise VersionConflict(user_id, expected_version, result.stored)
+        raise Contention(user_id)
+
+    async def _apply(self, ops: Sequence[_Op]) -> list[BulkResult | _Raced]:
+        ts = now_us()
+        streams: dict[int, int] = {}  # partition -> index of its stream key in KEYS
+        keys = [self._emails, self._ids, self._offsets, self._epoch]
+        keys += [self._user_key(op.user.id) for op in ops]
+        args: list[Any] = [secrets.token_hex(4), self._history_size, f"{self._p}:ev:", len(ops)]
+        partitions = [partition_of(op.user.id, self.partitions) for op in ops]
+        for p in partitions:
+            if p not in streams:
+                keys.append(self._log_key(p))
+                streams[p] = len(keys)  # Lua's KEYS is 1-based
+        for op, p in zip(ops, partitions, strict=True):
+            record = b"" if op.type is EventType.DELETED else op.record()
+            args += [
+                _TYPE_CODE[op.type], op.expected, op.old_email, op.new_email, record,
+                p, streams[p], encode_event(op.type, op.user, ts),
+            ]
+        with _unavailable():
+            reply = await self._write(keys=keys, args=args)
+        epoch = reply[0].decode()
+        out: list[BulkResult | _Raced] = []
+        for i, (op, p) in enumerate(zip(ops, partitions, strict=True)):
+            status, value = reply[1 + 2 * i], reply[2 + 2 * i]
+            out.append(_result(status, value, op, p, epoch, ts))
+        return out
+
+    # -- events ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def listen(self) -> AsyncIterator[AsyncIterator[list[Event]]]:
+        pubsub = self._r.pubsub(ignore_subscribe_messages=True)
+        channels = [self._channel(p) for p in range(self.partitions)]
+        try:
+            with _unavailable():
+                await pubsub.subscribe(*channels)
+                # Wait for every confirmation: from here on, no published event is missed.
+                confirmed = 0
+                while confirmed < len(channels):
+                    message = await pubsub.parse_response(block=True, timeout=5)
+                    if message is None:
+                        raise StoreUnavailable("pub/sub subscription was not confirmed")
+                    confirmed += message[0] in (b"subscribe", "subscribe")
+
+            async def batches() -> AsyncIterator[list[Event]]:
+                while True:
+                    with _unavailable():
+                        message = await pubsub.get_message(timeout=None)
+                    if message is not None and message["type"] == "message":
+                        yield decode_events(message["data"])
+
+            yield batches()
+        finally:
+            await pubsub.aclose()
+
+    async def ping(self) -> None:
+        with _unavailable():
+            await self._r.ping()
+
+    async def aclose(self) -> None:
+        await self._r.aclose()
+
+
+class _Op:
+    __slots__ = ("expected", "new_email", "old_email", "pw_hash", "type", "user")
+
+    def __init__(
+        self, type_: EventType, user: User, expected: int,
+        old_email: str, new_email: str, pw_hash: str | None,
+    ) -> None:
+        self.type, self.user, self.expected = type_, user, expected
+        self.old_email, self.new_email, self.pw_hash = old_email, new_email, pw_hash
+
+    def record(self) -> bytes:
+        return msgpack.packb([*_user_fields(self.user), self.pw_hash])
+
+
+class _Raced:
+    """The stored version moved between our read and our write."""
+
+    def __init__(self, stored: int) -> None:
+        self.stored = stored
+
+
+def _result(
+    status: int, value: int, op: _Op, partition: int, epoch: str, ts: int
+) -> BulkResult | _Raced:
+    if status == _OK:
+        return Event(op.type, op.user, partition, value, epoch, ts)
+    if status == _NOT_FOUND:
+        return NotFound(op.user.id)
+    if status == _EMAIL_TAKEN:
+        return AlreadyExists("email", f"email {op.user.email} is already registered")
+    if status == _VERSION_MISMATCH:
+        return _Raced(value)
+    return AlreadyExists("id", f"user id {op.user.id} is already taken")
+
+
+def _raise_or_return(result: BulkResult) -> Event:
+    if isinstance(result, HubError):
+        raise result
+    return result

@@ -1,0 +1,75 @@
+"""Request-field rules shared by every write path (unary, bulk and streamed changes)."""
+
+from __future__ import annotations
+
+import re
+
+from ulid import ULID
+
+from hub.domain import UserStatus
+from hub.errors import FieldViolation, InvalidArgument
+
+MAX_EMAIL = 254  # RFC 5321 path limit
+MAX_EMAIL_LOCAL = 64
+MAX_NAME = 200
+MIN_PASSWORD = 8
+MAX_PASSWORD = 1024  # argon2 cost grows with input; bound what one request can spend
+
+# Pragmatic, not RFC 5322: one @, a dot-atom local part, and a dotted domain of DNS labels.
+_EMAIL = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}"
+)
+
+
+def email_violation(email: str, field: str = "email") -> FieldViolation | None:
+    if not email:
+        return FieldViolation(field, "required")
+    if len(email) > MAX_EMAIL:
+        return FieldViolation(field, f"longer than {MAX_EMAIL} characters")
+    if not _EMAIL.fullmatch(email) or len(email.partition("@")[0]) > MAX_EMAIL_LOCAL:
+        return FieldViolation(field, "not a valid email address")
+    return None
+
+
+def name_violation(name: str, field: str = "name") -> FieldViolation | None:
+    if len(name) > MAX_NAME:
+        return FieldViolation(field, f"longer than {MAX_NAME} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return FieldViolation(field, "contains control characters")
+    return None
+
+
+def password_violation(password: str, field: str = "password") -> FieldViolation | None:
+    if password and not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+        return FieldViolation(field, f"must be {MIN_PASSWORD} to {MAX_PASSWORD} characters")
+    return None
+
+
+def status_violation(
+    status: int, field: str = "status", allow_unspecified: bool = True
+) -> FieldViolation | None:
+    if status not in UserStatus._value2member_map_:
+        return FieldViolation(field, f"unknown status {status}")
+    if not allow_unspecified and status == UserStatus.UNSPECIFIED:
+        return FieldViolation(field, "must be USER_STATUS_ACTIVE or USER_STATUS_INACTIVE")
+    return None
+
+
+def check(*violations: FieldViolation | None) -> None:
+    """Raise one InvalidArgument listing every violation, so a caller fixes all at once."""
+    found = [v for v in violations if v is not None]
+    if found:
+        raise InvalidArgument(*found)
+
+
+def user_id_violation(user_id: str, field: str = "user_id") -> FieldViolation | None:
+    if not user_id:
+        return FieldViolation(field, "required")
+    try:
+        canonical = str(ULID.from_str(user_id))
+    except (ValueError, KeyError):
+        canonical = ""
+    if canonical != user_id:
+        return FieldViolation(field, "not a user id (26-character upper-case ULID)")
+    return None
