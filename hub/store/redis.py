@@ -16,7 +16,7 @@ import secrets
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from importlib.resources import files
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import redis.asyncio as aioredis
@@ -99,7 +99,9 @@ class RedisStore:
         prefix: str = "hub",
     ) -> None:
         self.partitions = partitions
-        self._r = client
+        # redis-py types every reply as a bytes/str union whatever decode_responses says; this
+        # client never decodes, so replies are bytes and are treated as such.
+        self._r: Any = client
         self._history_size = history_size
         self._p = prefix
         self._write = client.register_script(_WRITE_LUA)
@@ -187,7 +189,8 @@ class RedisStore:
             _Op(EventType.CREATED, r.user, 0, "", email_key(r.user.email), r.password_hash)
             for r in rows
         ]
-        return await self._apply(ops)
+        # Creates never race (they check existence in the script), so no _Raced comes back.
+        return cast(list[BulkResult], await self._apply(ops))
 
     async def update(
         self, user_id: str, patch: UserPatch, expected_version: int | None = None

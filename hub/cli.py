@@ -1,0 +1,216 @@
+"""`hub` command line: it parses flags and calls one function; nothing else lives here.
+
+    hub serve [--host H] [--port P] [--redis-url URL]
+    hub user create --email ada@example.com --name Ada
+    hub user import users.csv            # or .jsonl; streams through BulkCreateUsers
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import getpass
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+
+from hub.settings import Settings
+
+_STATUSES = {"active": 1, "inactive": 2}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    try:
+        result: int = args.run(args)
+    except ValueError as exc:  # bad settings from the environment
+        print(f"hub: {exc}", file=sys.stderr)
+        return 2
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hub", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(title="commands")
+
+    serve = commands.add_parser("serve", help="run a hub server")
+    serve.add_argument("--host", help="address to bind (HUB_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port, 0 for any free one (HUB_PORT, default 50051)")
+    serve.add_argument("--redis-url", help="redis://[user:password@]host:port/db (HUB_REDIS_URL);"
+                       " without it the embedded in-memory store is used")
+    serve.add_argument("--partitions", type=int, help="event partitions (HUB_PARTITIONS, 16)")
+    serve.add_argument("--history-size", type=int,
+                       help="events kept per partition (HUB_HISTORY_SIZE, 10000)")
+    serve.add_argument("--shutdown-grace", type=float,
+                       help="seconds calls get to finish on SIGTERM (HUB_SHUTDOWN_GRACE, 10)")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (HUB_LOG_LEVEL, INFO)")
+    serve.set_defaults(run=_serve)
+
+    user = commands.add_parser("user", help="manage users on a running hub")
+    user.add_argument("--target", default=os.environ.get("HUB_TARGET", "localhost:50051"),
+                      help="hub address (HUB_TARGET, default localhost:50051)")
+    user.add_argument("--timeout", type=float, default=5.0, help="deadline per call in seconds")
+    ops = user.add_subparsers(title="user commands")
+
+    create = ops.add_parser("create", help="create a user")
+    create.add_argument("--email", required=True)
+    create.add_argument("--name", default="")
+    create.add_argument("--status", choices=sorted(_STATUSES), default="active")
+    create.add_argument("--password", action="store_true",
+                        help="prompt for a password (read from stdin when not a terminal)")
+    create.set_defaults(run=_user_create)
+
+    get = ops.add_parser("get", help="show one user")
+    get.add_argument("user_id")
+    get.set_defaults(run=_user_get)
+
+    update = ops.add_parser("update", help="change name, email or status")
+    update.add_argument("user_id")
+    update.add_argument("--email")
+    update.add_argument("--name")
+    update.add_argument("--status", choices=sorted(_STATUSES))
+    update.add_argument("--expected-version", type=int,
+                        help="apply only if the user is at this version")
+    update.set_defaults(run=_user_update)
+
+    delete = ops.add_parser("delete", help="delete a user")
+    delete.add_argument("user_id")
+    delete.add_argument("--expected-version", type=int)
+    delete.set_defaults(run=_user_delete)
+
+    list_ = ops.add_parser("list", help="print every user, one JSON object per line")
+    list_.add_argument("--page-size", type=int, default=100)
+    list_.add_argument("--after", default="", help="resume after this user id")
+    list_.set_defaults(run=_user_list)
+
+    imp = ops.add_parser("import", help="bulk-create users from a CSV or JSON-lines file")
+    imp.add_argument("file", type=Path, help="CSV with a header (email,name[,password,status])"
+                     " or .jsonl/.ndjson with one object per line; - reads CSV from stdin")
+    imp.add_argument("--format", choices=("csv", "jsonl"), help="default: from the extension")
+    imp.set_defaults(run=_user_import)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from hub.server import serve
+
+    flags = {k: getattr(args, k) for k in
+             ("host", "port", "redis_url", "partitions", "history_size", "shutdown_grace",
+              "log_level")}
+    settings = Settings.load(flags)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    asyncio.run(serve(settings))
+    return 0
+
+
+# -- user commands ------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from hub.client import UserClient
+
+    return UserClient(args.target, timeout=args.timeout)
+
+
+def _print_user(user: Any) -> None:
+    print(json_format.MessageToJson(user, indent=None, preserving_proto_field_name=True))
+
+
+def _user_command(fn: Any) -> Any:
+    """Runs a user command and turns a typed client error into one line on stderr, exit 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        from hub.client import ClientError
+
+        try:
+            with _client(args) as client:
+                fn(client, args)
+        except ClientError as exc:
+            print(f"hub: {exc.code.name}: {exc.details}", file=sys.stderr)
+            for field, description in exc.violations:
+                print(f"  {field}: {description}", file=sys.stderr)
+            return 1
+        return 0
+
+    return run
+
+
+@_user_command
+def _user_create(client: Any, args: argparse.Namespace) -> None:
+    password = ""
+    if args.password:
+        password = (getpass.getpass("password: ") if sys.stdin.isatty()
+                    else sys.stdin.readline().rstrip("\n"))
+    _print_user(client.create_user(args.email, args.name, password, _STATUSES[args.status]))
+
+
+@_user_command
+def _user_get(client: Any, args: argparse.Namespace) -> None:
+    _print_user(client.get_user(args.user_id))
+
+
+@_user_command
+def _user_update(client: Any, args: argparse.Namespace) -> None:
+    status = _STATUSES[args.status] if args.status else None
+    _print_user(client.update_user(args.user_id, email=args.email, name=args.name, status=status,
+                                   expected_version=args.expected_version))
+
+
+@_user_command
+def _user_delete(client: Any, args: argparse.Namespace) -> None:
+    client.delete_user(args.user_id, expected_version=args.expected_version)
+    print(f"deleted {args.user_id}")
+
+
+@_user_command
+def _user_list(client: Any, args: argparse.Namespace) -> None:
+    for user in client.list_users(page_size=args.page_size, page_token=args.after):
+        _print_user(user)
+
+
+def read_rows(path: Path, fmt: str | None = None) -> Iterator[dict[str, Any]]:
+    """Rows of an import file as dicts; CSV needs a header naming its columns."""
+    fmt = fmt or ("jsonl" if path.suffix in (".jsonl", ".ndjson", ".json") else "csv")
+    with (sys.stdin if str(path) == "-" else path.open(newline="")) as f:
+        if fmt == "csv":
+            yield from csv.DictReader(f)
+        else:
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)
+
+
+@_user_command
+def _user_import(client: Any, args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from hub.api.user.v1.user_service_pb2 import CreateUserRequest
+
+    def requests() -> Iterator[CreateUserRequest]:
+        for row in tqdm(read_rows(args.file, args.format), unit=" rows", file=sys.stderr):
+            status = str(row.get("status") or "active").lower()
+            yield CreateUserRequest(
+                email=str(row.get("email") or ""), name=str(row.get("name") or ""),
+                password=str(row.get("password") or ""),
+                status=_STATUSES.get(status, -1),  # type: ignore[arg-type]
+            )
+
+    response = client.bulk_create(requests())
+    for err in response.errors:
+        where = f" ({err.field})" if err.field else ""
+        print(f"row {err.index + 1}{where}: {err.message}", file=sys.stderr)
+    print(f"created {response.created_count}, refused {len(response.errors)}")

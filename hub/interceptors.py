@@ -1,0 +1,90 @@
+"""Server interceptors: one log line per call with method, status code and duration."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias
+
+import grpc
+
+log = logging.getLogger("hub.access")
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+
+def _outcome(context: Context, exc: BaseException | None) -> grpc.StatusCode:
+    if exc is None or isinstance(exc, grpc.aio.AbortError):
+        code = context.code()
+        # grpc.aio leaves code() None after a normal return; abort sets it.
+        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
+
+
+class LoggingInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every handler; logs at INFO (WARNING for server-side failures)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        # The grpc stubs type handler behaviours as sync callables; under grpc.aio they are
+        # coroutine functions and async generators, so the handler is treated as untyped.
+        handler: Any = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+
+        def done(context: Context, started: float, exc: BaseException | None) -> None:
+            code = _outcome(context, exc)
+            level = logging.WARNING if code in _SERVER_FAULTS else logging.INFO
+            log.log(level, "%s %s %.1fms", method, code.name,
+                    (time.perf_counter() - started) * 1000)
+
+        if handler.unary_unary or handler.stream_unary:
+            inner_unary = handler.unary_unary or handler.stream_unary
+
+            async def unary(request: Any, context: Context) -> Any:
+                started, exc = time.perf_counter(), None
+                try:
+                    return await inner_unary(request, context)
+                except BaseException as e:
+                    exc = e
+                    raise
+                finally:
+                    done(context, started, exc)
+
+            make = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
+                    else grpc.stream_unary_rpc_method_handler)
+            return make(unary, handler.request_deserializer, handler.response_serializer)
+
+        inner_stream = handler.unary_stream or handler.stream_stream
+
+        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            started, exc = time.perf_counter(), None
+            try:
+                async for item in inner_stream(request, context):
+                    yield item
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                done(context, started, exc)
+
+        make_stream = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
+                       else grpc.stream_stream_rpc_method_handler)
+        return make_stream(stream, handler.request_deserializer, handler.response_serializer)
+
+
+_SERVER_FAULTS = {
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DATA_LOSS,
+}

@@ -1,0 +1,250 @@
+"""user.v1.UserService over grpc.aio: proto <-> domain at the edge, errors mapped by hub.status."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias, TypeVar
+
+import grpc
+from google.protobuf import empty_pb2, timestamp_pb2
+
+from hub import errors
+from hub.api.user.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
+from hub.domain import NewUser, User, UserPatch, UserStatus
+from hub.passwords import PasswordHashing
+from hub.settings import Settings
+from hub.status import code_of, to_status
+from hub.store.base import Store
+from hub.validation import (
+    check,
+    email_violation,
+    name_violation,
+    password_violation,
+    status_violation,
+    user_id_violation,
+)
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+_MASKABLE = ("email", "name", "status")
+# A partial bulk batch is written once it is this old, so a slow producer's rows still show up
+# to subscribers promptly instead of waiting for the batch to fill.
+_BULK_FLUSH_AFTER = 0.05
+
+
+def _unary(
+    fn: Callable[[Any, Req, Context], Awaitable[Resp]],
+) -> Callable[[Any, Req, Context], Awaitable[Resp]]:
+    """Domain errors end the call with their mapped status; anything else becomes INTERNAL."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Req, context: Context) -> Resp:
+        try:
+            return await fn(self, request, context)
+        except Exception as exc:
+            # context.abort ends the call by raising AbortError: it must pass through untouched.
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await context.abort_with_status(to_status(exc))
+
+    return wrapper
+
+
+def _server_stream(
+    fn: Callable[[Any, Req, Context], AsyncIterator[Resp]],
+) -> Callable[[Any, Req, Context], AsyncIterator[Resp]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Req, context: Context) -> AsyncIterator[Resp]:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await context.abort_with_status(to_status(exc))
+
+    return wrapper
+
+
+def _timestamp(us: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=us // 1_000_000, nanos=us % 1_000_000 * 1000)
+
+
+def user_to_pb(user: User) -> common_pb2.User:
+    return common_pb2.User(
+        id=user.id,
+        email=user.email,
+        name=user.name,
+        status=int(user.status),  # type: ignore[arg-type]
+        created_at=_timestamp(user.created_at),
+        updated_at=_timestamp(user.updated_at),
+        version=user.version,
+    )
+
+
+class UserService(user_service_pb2_grpc.UserServiceServicer):
+    def __init__(self, store: Store, hashing: PasswordHashing, settings: Settings) -> None:
+        self._store = store
+        self._hashing = hashing
+        self._settings = settings
+
+    @_unary
+    async def GetUser(
+        self, request: user_service_pb2.GetUserRequest, context: Context
+    ) -> common_pb2.User:
+        check(user_id_violation(request.user_id))
+        return user_to_pb(await self._store.get(request.user_id))
+
+    @_unary
+    async def CreateUser(
+        self, request: user_service_pb2.CreateUserRequest, context: Context
+    ) -> common_pb2.User:
+        new = await self._new_user(request)
+        return user_to_pb((await self._store.create(new)).user)
+
+    async def _new_user(self, request: user_service_pb2.CreateUserRequest) -> NewUser:
+        check(
+            email_violation(request.email),
+            name_violation(request.name),
+            password_violation(request.password),
+            status_violation(request.status),
+        )
+        pw_hash = await self._hashing.hash(request.password) if request.password else None
+        return NewUser.build(request.email, request.name, UserStatus(request.status), pw_hash)
+
+    @_unary
+    async def UpdateUser(
+        self, request: user_service_pb2.UpdateUserRequest, context: Context
+    ) -> common_pb2.User:
+        user = request.user
+        paths = list(request.update_mask.paths)
+        if paths == ["*"]:
+            paths = list(_MASKABLE)
+        elif not paths:  # AIP-134: no mask means every field the request sets
+            paths = [p for p in _MASKABLE if getattr(user, p)]
+        unknown = [p for p in paths if p not in _MASKABLE]
+        expected = request.expected_version if request.HasField("expected_version") else None
+        check(
+            user_id_violation(user.id, "user.id"),
+            errors.FieldViolation(
+                "update_mask.paths", f"unknown path(s) {unknown}; allowed: {list(_MASKABLE)}"
+            ) if unknown else None,
+            errors.FieldViolation("update_mask", "names no field to update")
+            if not paths else None,
+            email_violation(user.email, "user.email") if "email" in paths else None,
+            name_violation(user.name, "user.name") if "name" in paths else None,
+            status_violation(user.status, "user.status", allow_unspecified=False)
+            if "status" in paths else None,
+            errors.FieldViolation("expected_version", "must be at least 1")
+            if expected is not None and expected < 1 else None,
+        )
+        patch = UserPatch(
+            email=user.email if "email" in paths else None,
+            name=user.name if "name" in paths else None,
+            status=UserStatus(user.status) if "status" in paths else None,
+        )
+        event = await self._store.update(user.id, patch, expected)
+        return user_to_pb(event.user)
+
+    @_unary
+    async def DeleteUser(
+        self, request: user_service_pb2.DeleteUserRequest, context: Context
+    ) -> empty_pb2.Empty:
+        expected = request.expected_version if request.HasField("expected_version") else None
+        check(
+            user_id_violation(request.user_id),
+            errors.FieldViolation("expected_version", "must be at least 1")
+            if expected is not None and expected < 1 else None,
+        )
+        await self._store.delete(request.user_id, expected)
+        return empty_pb2.Empty()
+
+    @_server_stream
+    async def ListUsers(
+        self, request: user_service_pb2.ListUsersRequest, context: Context
+    ) -> AsyncIterator[common_pb2.User]:
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        check(
+            errors.FieldViolation("page_size", f"must be 0 (default) to {MAX_PAGE_SIZE}")
+            if not 0 <= request.page_size <= MAX_PAGE_SIZE else None,
+            user_id_violation(request.page_token, "page_token") if request.page_token else None,
+        )
+        after = request.page_token
+        while True:
+            # One page at a time: memory stays bounded by page_size whatever the user count.
+            page = await self._store.list_after(after, size)
+            for user in page:
+                yield user_to_pb(user)
+            if len(page) < size or context.done():
+                return
+            after = page[-1].id
+
+    @_unary
+    async def BulkCreateUsers(
+        self,
+        request_iterator: AsyncIterable[user_service_pb2.CreateUserRequest],
+        context: Context,
+    ) -> user_service_pb2.BulkCreateResponse:
+        response = user_service_pb2.BulkCreateResponse()
+        batch: list[tuple[int, NewUser]] = []
+        started = time.monotonic()
+
+        async def flush() -> None:
+            rows = [new for _, new in batch]
+            try:
+                results = await self._store.create_many(rows)
+            except errors.StoreUnavailable as exc:
+                # Report every row of the failed batch: none is lost silently, and a retry of
+                # a row that did land is refused by the email index, never duplicated.
+                results = [exc] * len(rows)
+            for (index, _), result in zip(batch, results, strict=True):
+                if isinstance(result, errors.HubError):
+                    _row_error(response, index, result)
+                else:
+                    response.user_ids.append(result.user.id)
+            batch.clear()
+
+        index = -1
+        async for request in request_iterator:
+            index += 1
+            try:
+                batch.append((index, await self._new_user(request)))
+            except errors.HubError as exc:
+                _row_error(response, index, exc)
+            if len(batch) >= self._settings.bulk_batch_size or (
+                batch and time.monotonic() - started > _BULK_FLUSH_AFTER
+            ):
+                await flush()
+                started = time.monotonic()
+        if batch:
+            await flush()
+        response.created_count = len(response.user_ids)
+        return response
+
+    async def UserUpdates(
+        self,
+        request_iterator: AsyncIterable[user_service_pb2.UserUpdateRequest],
+        context: Context,
+    ) -> AsyncIterator[common_pb2.User]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "UserUpdates is not implemented yet")
+        yield common_pb2.User()  # pragma: no cover - makes this an async generator
+
+
+def _row_error(
+    response: user_service_pb2.BulkCreateResponse, index: int, exc: errors.HubError
+) -> None:
+    field = ""
+    if isinstance(exc, errors.InvalidArgument):
+        field = exc.violations[0].field
+    elif isinstance(exc, errors.AlreadyExists):
+        field = exc.field
+    response.errors.add(index=index, code=code_of(exc).value[0], message=str(exc), field=field)

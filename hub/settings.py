@@ -1,0 +1,54 @@
+"""Settings: read once at the edge (flags, then HUB_* environment variables), frozen, passed down."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+_PARSERS: dict[str, Callable[[Any], Any]] = {"str": str, "int": int, "float": float}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # Empty: the embedded in-memory store (one instance, nothing survives a restart).
+    redis_url: str = ""
+    # Events are ordered per partition; a user's events always share one. Every instance
+    # sharing a Redis must use the same count.
+    partitions: int = 16
+    # Events kept per partition for resuming subscribers.
+    history_size: int = 10_000
+    # Seconds in-flight calls get to finish on SIGTERM/SIGINT before they are cancelled.
+    shutdown_grace: float = 10.0
+    max_message_bytes: int = 4 * 1024 * 1024
+    # Concurrent argon2id hashes (each ~64 MiB and tens of ms of a core).
+    password_hash_concurrency: int = 2
+    # Rows BulkCreateUsers gathers into one atomic store call.
+    bulk_batch_size: int = 500
+    log_level: str = "INFO"
+
+    @classmethod
+    def load(cls, overrides: Mapping[str, Any] | None = None,
+             environ: Mapping[str, str] | None = None) -> Settings:
+        """Flags (`overrides`, None meaning "not given") win over HUB_<NAME> variables."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            given = (overrides or {}).get(f.name)
+            raw = given if given is not None else env.get(f"HUB_{f.name.upper()}")
+            if raw is None:
+                continue
+            parse = _PARSERS[str(f.type)]
+            try:
+                values[f.name] = parse(raw)
+            except ValueError:
+                raise ValueError(f"HUB_{f.name.upper()}={raw!r} is not a valid {f.type}") from None
+        return cls(**values)
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"

@@ -1,0 +1,65 @@
+"""The one place domain errors become gRPC statuses (with google.rpc details).
+
+Unknown exceptions become INTERNAL with a generic message: their text may hold internals.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from hub import errors
+
+log = logging.getLogger(__name__)
+
+_CODES: dict[type[errors.HubError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.VersionConflict: grpc.StatusCode.ABORTED,
+    errors.Contention: grpc.StatusCode.ABORTED,
+    errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def code_of(exc: errors.HubError) -> grpc.StatusCode:
+    for kind in type(exc).__mro__:
+        if issubclass(kind, errors.HubError) and kind in _CODES:
+            return _CODES[kind]
+    return grpc.StatusCode.INTERNAL
+
+
+def to_status(exc: BaseException) -> grpc.Status:
+    """A rich status for `context.abort_with_status`."""
+    if not isinstance(exc, errors.HubError):
+        log.error("unexpected error", exc_info=exc)
+        return rpc_status.to_status(
+            status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
+        )
+    code = code_of(exc)
+    status = status_pb2.Status(code=code.value[0], message=str(exc))
+    detail = _detail(exc)
+    if detail is not None:
+        packed = any_pb2.Any()
+        packed.Pack(detail)
+        status.details.append(packed)
+    return rpc_status.to_status(status)
+
+
+def _detail(exc: errors.HubError) -> error_details_pb2.BadRequest | error_details_pb2.ResourceInfo | None:
+    if isinstance(exc, errors.InvalidArgument):
+        return error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in exc.violations
+            ]
+        )
+    if isinstance(exc, errors.NotFound):
+        return error_details_pb2.ResourceInfo(
+            resource_type="user.v1.User", resource_name=exc.user_id, description=str(exc)
+        )
+    return None
