@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run a hub server")
     serve.add_argument("--host", help="address to bind (HUB_HOST, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port, 0 for any free one (HUB_PORT, default 50051)")
+    serve.add_argument("--port", type=int,
+                       help="port, 0 for any free one (HUB_PORT, default 50051)")
     serve.add_argument("--redis-url", help="redis://[user:password@]host:port/db (HUB_REDIS_URL);"
                        " without it the embedded in-memory store is used")
     serve.add_argument("--partitions", type=int, help="event partitions (HUB_PARTITIONS, 16)")

@@ -1,4 +1,4 @@
-"""Settings: read once at the edge (flags, then HUB_* environment variables), frozen, passed down."""
+"""Settings: read once at the edge (flags, then HUB_* environment variables), frozen."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
-
 
 _PARSERS: dict[str, Callable[[Any], Any]] = {"str": str, "int": int, "float": float}
 

@@ -6,6 +6,7 @@ Unknown exceptions become INTERNAL with a generic message: their text may hold i
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
@@ -50,11 +51,13 @@ def to_status(exc: BaseException) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
-def _detail(exc: errors.HubError) -> error_details_pb2.BadRequest | error_details_pb2.ResourceInfo | None:
+def _detail(exc: errors.HubError) -> Any:
     if isinstance(exc, errors.InvalidArgument):
         return error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
                 for v in exc.violations
             ]
         )

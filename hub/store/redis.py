@@ -34,7 +34,14 @@ from hub.domain import (
     now_us,
     partition_of,
 )
-from hub.errors import AlreadyExists, Contention, HubError, NotFound, StoreUnavailable, VersionConflict
+from hub.errors import (
+    AlreadyExists,
+    Contention,
+    HubError,
+    NotFound,
+    StoreUnavailable,
+    VersionConflict,
+)
 from hub.store.base import BulkResult
 
 _WRITE_LUA = files("hub.store").joinpath("write.lua").read_text()

@@ -1,0 +1,565 @@
+"""Typed clients for user.v1.UserService: `UserClient` (blocking) and `AsyncUserClient` (asyncio).
+
+    from hub.client import UserClient, UserNotFoundError
+
+    with UserClient("localhost:50051", timeout=5.0) as users:
+        alice = users.create_user("alice@example.com", name="Alice")
+        users.update_user(alice.id, name="Alice B.", expected_version=alice.version)
+        try:
+            users.get_user("01HZZZZZZZZZZZZZZZZZZZZZZZ")
+        except UserNotFoundError as err:
+            print(err.code, err.details)
+        for user in users.list_users():
+            print(user.id, user.email)
+
+    async with AsyncUserClient() as users:
+        user = await users.get_user(alice.id)
+        async for user in users.list_users(page_size=500):
+            ...
+
+Errors. Every failed call raises a `ClientError` subclass chained (`from`) to the grpc error:
+
+    ClientError                  .code (grpc.StatusCode), .details, .violations [(field, why)]
+     ├── InvalidArgumentError    INVALID_ARGUMENT; .violations lists the offending fields
+     ├── UserNotFoundError       NOT_FOUND
+     ├── AlreadyExistsError      ALREADY_EXISTS (the email is taken)
+     ├── VersionConflictError    ABORTED: expected_version did not match, or the user was
+     │                           changing too fast; nothing was written, re-read and retry
+     └── UnavailableError        UNAVAILABLE: the server or its store cannot be reached
+
+Other codes (DEADLINE_EXCEEDED, INTERNAL, ...) raise a plain `ClientError`.
+
+Deadlines. Every call carries one: `timeout` (default 5 s) for unary calls and `stream_timeout`
+(default 300 s, the whole stream) for ListUsers and BulkCreateUsers; both can be overridden
+per call. A deadline covers all retry attempts of the call, not each one.
+
+Retries. gRPC's own retry machinery does them, configured by a service config on the channel
+(`RETRY_SERVICE_CONFIG`), which brings exponential backoff with jitter and honours the deadline:
+
+* GetUser and ListUsers are retried on UNAVAILABLE, up to 4 attempts in all, backoff starting
+  at 0.1 s, doubling, capped at 2 s. ListUsers is retried only until its first user arrives
+  (gRPC then commits to the attempt); after that, resume with `page_token=<last id seen>`.
+* CreateUser, BulkCreateUsers, UpdateUser and DeleteUser are never retried by the client. When
+  a write fails with UNAVAILABLE the server may have applied it anyway, and a blind retry could
+  create a second user or apply an update twice. Deciding is left to the caller, who knows
+  whether the write is safe to repeat (e.g. an update guarded by `expected_version`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import Any, Final, Self, cast
+
+import grpc
+import grpc.aio
+from google.protobuf import field_mask_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from hub.api.user.v1 import common_pb2
+from hub.api.user.v1 import user_service_pb2 as pb
+from hub.api.user.v1 import user_service_pb2_grpc as pb_grpc
+
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "RETRY_SERVICE_CONFIG",
+    "AlreadyExistsError",
+    "AsyncUserClient",
+    "ClientError",
+    "InvalidArgumentError",
+    "UnavailableError",
+    "UserClient",
+    "UserNotFoundError",
+    "VersionConflictError",
+    "from_rpc_error",
+]
+
+DEFAULT_TARGET: Final = "localhost:50051"
+DEFAULT_TIMEOUT: Final = 5.0
+# A ListUsers of a large store, or a big bulk load, legitimately runs for minutes.
+DEFAULT_STREAM_TIMEOUT: Final = 300.0
+_SERVICE: Final = "user.v1.UserService"
+_MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
+
+_RETRY_POLICY: Final[dict[str, Any]] = {
+    "maxAttempts": 4,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    # UNAVAILABLE is gRPC's code for "transient, try again" (no connection, server draining,
+    # store unreachable). DEADLINE_EXCEEDED is not retried: the deadline covers every attempt,
+    # so once it has passed there is no time left for another.
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+# Writes are deliberately absent: see "Retries" in the module docstring.
+RETRY_SERVICE_CONFIG: Final = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": _SERVICE, "method": "GetUser"},
+                    {"service": _SERVICE, "method": "ListUsers"},
+                ],
+                "retryPolicy": _RETRY_POLICY,
+            }
+        ]
+    }
+)
+
+CHANNEL_OPTIONS: Final[tuple[tuple[str, str | int], ...]] = (
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", RETRY_SERVICE_CONFIG),
+    # Ours is the policy that applies, whatever a DNS TXT record might say.
+    ("grpc.service_config_disable_resolution", 1),
+    # The server refuses pings more often than every 10 s (and answers abuse with GOAWAY), so
+    # 30 s stays well clear of it while still finding a dead peer behind a NAT or proxy that
+    # dropped the connection silently, which would otherwise stall a long ListUsers.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    # Ping only while calls are in flight: an idle channel reconnects on its next call anyway,
+    # and idle pings are what servers count as abuse.
+    ("grpc.keepalive_permit_without_calls", 0),
+    # A stream may be legitimately quiet for long; keep pinging it instead of stopping after
+    # the default two pings without data.
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+)
+
+
+class ClientError(Exception):
+    """A call to the user service failed; `code` says how, `details` is the server's message."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        violations: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        self.code = code
+        self.details = details
+        # (field, description) pairs from a google.rpc.BadRequest detail, when the server sent one.
+        self.violations: list[tuple[str, str]] = list(violations)
+        super().__init__(f"{code.name}: {details}")
+
+
+class InvalidArgumentError(ClientError):
+    """A request field was malformed; see `violations` for which and why."""
+
+
+class UserNotFoundError(ClientError):
+    """The user does not exist (or was deleted)."""
+
+
+class AlreadyExistsError(ClientError):
+    """A unique field, the email, is taken by another user."""
+
+
+class VersionConflictError(ClientError):
+    """The write was refused unapplied: expected_version was stale or the user was contended."""
+
+
+class UnavailableError(ClientError):
+    """The server, or its store, could not be reached."""
+
+
+_ERRORS: Final[dict[grpc.StatusCode, type[ClientError]]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: UserNotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
+    grpc.StatusCode.ABORTED: VersionConflictError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+}
+
+
+def from_rpc_error(err: grpc.RpcError) -> ClientError:
+    """The typed error for a failed call, from the sync (`grpc.RpcError`) or aio API."""
+    if isinstance(err, grpc.aio.AioRpcError):
+        code, details = err.code(), err.details() or ""
+        # from_call reads only code(), details() and trailing_metadata(), which a finished
+        # AioRpcError provides just as a sync call does.
+        call: grpc.Call | None = cast("grpc.Call", err)
+    elif isinstance(err, grpc.Call):
+        code, details, call = err.code(), err.details() or "", err
+    else:
+        # An RpcError that is not a call (none are raised today): nothing more to read.
+        code, details, call = grpc.StatusCode.UNKNOWN, str(err), None
+    kind = _ERRORS.get(code, ClientError)
+    return kind(code, details, _violations(call) if call is not None else ())
+
+
+def _violations(call: grpc.Call) -> list[tuple[str, str]]:
+    try:
+        status = rpc_status.from_call(call)
+    except ValueError:
+        # The rich status disagrees with the call's own code or message: trust neither detail.
+        return []
+    if status is None:
+        return []
+    found: list[tuple[str, str]] = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            found.extend((v.field, v.description) for v in bad_request.field_violations)
+    return found
+
+
+def _channel_options(extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    # Merged by key so a caller's value replaces ours instead of depending on which duplicate
+    # the C core happens to honour.
+    return list({**dict(CHANNEL_OPTIONS), **dict(extra)}.items())
+
+
+def _or_default(timeout: float | None, default: float) -> float:
+    # `is None`, not `or`: an explicit 0 must stay 0 (fail at once), not become the default.
+    return default if timeout is None else timeout
+
+
+def _update_request(
+    user_id: str,
+    email: str | None,
+    name: str | None,
+    status: common_pb2.UserStatus.ValueType | None,
+    expected_version: int | None,
+) -> pb.UpdateUserRequest:
+    user = common_pb2.User(id=user_id)
+    paths: list[str] = []
+    # The mask names exactly the arguments given, so an empty string or UNSPECIFIED status
+    # is a deliberate value rather than "leave unchanged".
+    if email is not None:
+        user.email = email
+        paths.append("email")
+    if name is not None:
+        user.name = name
+        paths.append("name")
+    if status is not None:
+        user.status = status
+        paths.append("status")
+    if not paths:
+        # An empty mask means "every field set in user" to the server, which here is none of
+        # them: almost certainly a caller's mistake, so refuse it before a round trip.
+        raise ValueError("update_user needs at least one of email, name or status")
+    request = pb.UpdateUserRequest(user=user, update_mask=field_mask_pb2.FieldMask(paths=paths))
+    if expected_version is not None:
+        request.expected_version = expected_version
+    return request
+
+
+def _delete_request(user_id: str, expected_version: int | None) -> pb.DeleteUserRequest:
+    request = pb.DeleteUserRequest(user_id=user_id)
+    if expected_version is not None:
+        request.expected_version = expected_version
+    return request
+
+
+class _RequestTap:
+    """Passes the caller's bulk rows on to gRPC, keeping any exception their source raises.
+
+    gRPC only logs such an exception and cancels the call, which then fails as UNKNOWN (sync)
+    or, worse, as a CancelledError (aio) that a task group would take for a cancellation of
+    its own. Keeping it lets bulk_create re-raise the caller's own error instead.
+    """
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+
+    def rows(self, requests: Iterable[pb.CreateUserRequest]) -> Iterator[pb.CreateUserRequest]:
+        try:
+            yield from requests
+        except Exception as exc:
+            self.error = exc
+            raise
+
+    async def async_rows(
+        self, requests: Iterable[pb.CreateUserRequest] | AsyncIterable[pb.CreateUserRequest]
+    ) -> AsyncIterator[pb.CreateUserRequest]:
+        try:
+            if isinstance(requests, AsyncIterable):
+                async for request in requests:
+                    yield request
+            else:
+                for request in requests:
+                    yield request
+        except Exception as exc:
+            self.error = exc
+            raise
+
+
+class UserClient:
+    """Blocking client; one channel, shared by every call, closed by `close()` or `with`."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        stream_timeout: float = DEFAULT_STREAM_TIMEOUT,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+        self._channel = grpc.insecure_channel(target, options=_channel_options(options))
+        self.stub: pb_grpc.UserServiceStub = pb_grpc.UserServiceStub(self._channel)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel, cancelling calls still in flight."""
+        self._channel.close()
+
+    def get_user(self, user_id: str, *, timeout: float | None = None) -> common_pb2.User:
+        try:
+            return self.stub.GetUser(
+                pb.GetUserRequest(user_id=user_id), timeout=_or_default(timeout, self.timeout)
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    def create_user(
+        self,
+        email: str,
+        name: str = "",
+        password: str = "",
+        status: common_pb2.UserStatus.ValueType = common_pb2.USER_STATUS_UNSPECIFIED,
+        *,
+        timeout: float | None = None,
+    ) -> common_pb2.User:
+        request = pb.CreateUserRequest(email=email, name=name, password=password, status=status)
+        try:
+            return self.stub.CreateUser(request, timeout=_or_default(timeout, self.timeout))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    def update_user(
+        self,
+        user_id: str,
+        *,
+        email: str | None = None,
+        name: str | None = None,
+        status: common_pb2.UserStatus.ValueType | None = None,
+        expected_version: int | None = None,
+        timeout: float | None = None,
+    ) -> common_pb2.User:
+        """Change the given fields only; with `expected_version`, only if the user is at it."""
+        request = _update_request(user_id, email, name, status, expected_version)
+        try:
+            return self.stub.UpdateUser(request, timeout=_or_default(timeout, self.timeout))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    def delete_user(
+        self,
+        user_id: str,
+        *,
+        expected_version: int | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        request = _delete_request(user_id, expected_version)
+        try:
+            self.stub.DeleteUser(request, timeout=_or_default(timeout, self.timeout))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    def list_users(
+        self,
+        page_size: int = 100,
+        page_token: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> Iterator[common_pb2.User]:
+        """Every user after `page_token`, in id order; `timeout` bounds the whole stream.
+
+        The call starts at the first `next()`. Stopping early (break, or closing the iterator)
+        cancels the stream so the server stops reading and sending.
+        """
+        call = self.stub.ListUsers(
+            pb.ListUsersRequest(page_size=page_size, page_token=page_token),
+            timeout=_or_default(timeout, self.stream_timeout),
+        )
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        finally:
+            # A no-op once the stream has ended; otherwise the consumer gave up early.
+            call.cancel()
+
+    def bulk_create(
+        self,
+        requests: Iterable[pb.CreateUserRequest],
+        *,
+        timeout: float | None = None,
+    ) -> pb.BulkCreateResponse:
+        """Create one user per request; refused rows come back in `errors`, not as exceptions.
+
+        If iterating `requests` raises, the call is cancelled and that exception propagates;
+        rows the server had already committed stay created.
+        """
+        tap = _RequestTap()
+        try:
+            return self.stub.BulkCreateUsers(
+                tap.rows(requests), timeout=_or_default(timeout, self.stream_timeout)
+            )
+        except grpc.RpcError as err:
+            if tap.error is not None:
+                raise tap.error from None
+            raise from_rpc_error(err) from err
+
+
+class AsyncUserClient:
+    """asyncio client; create it inside the running event loop that will use it."""
+
+    # The per-call `timeout` parameters below (ruff ASYNC109) are gRPC deadlines, not local
+    # waits: they travel to the server, which stops working on the call when they pass, and
+    # they bound every retry attempt. `asyncio.timeout` would only cancel the local side.
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        stream_timeout: float = DEFAULT_STREAM_TIMEOUT,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+        self._channel = grpc.aio.insecure_channel(target, options=_channel_options(options))
+        self.stub: pb_grpc.UserServiceAsyncStub = pb_grpc.UserServiceStub(self._channel)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel, cancelling calls still in flight."""
+        await self._channel.close()
+
+    async def get_user(
+        self,
+        user_id: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> common_pb2.User:
+        try:
+            return await self.stub.GetUser(
+                pb.GetUserRequest(user_id=user_id), timeout=_or_default(timeout, self.timeout)
+            )
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from err
+
+    async def create_user(
+        self,
+        email: str,
+        name: str = "",
+        password: str = "",
+        status: common_pb2.UserStatus.ValueType = common_pb2.USER_STATUS_UNSPECIFIED,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> common_pb2.User:
+        request = pb.CreateUserRequest(email=email, name=name, password=password, status=status)
+        try:
+            return await self.stub.CreateUser(request, timeout=_or_default(timeout, self.timeout))
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from err
+
+    async def update_user(
+        self,
+        user_id: str,
+        *,
+        email: str | None = None,
+        name: str | None = None,
+        status: common_pb2.UserStatus.ValueType | None = None,
+        expected_version: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> common_pb2.User:
+        """Change the given fields only; with `expected_version`, only if the user is at it."""
+        request = _update_request(user_id, email, name, status, expected_version)
+        try:
+            return await self.stub.UpdateUser(request, timeout=_or_default(timeout, self.timeout))
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from err
+
+    async def delete_user(
+        self,
+        user_id: str,
+        *,
+        expected_version: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> None:
+        request = _delete_request(user_id, expected_version)
+        try:
+            await self.stub.DeleteUser(request, timeout=_or_default(timeout, self.timeout))
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from err
+
+    async def list_users(
+        self,
+        page_size: int = 100,
+        page_token: str = "",
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> AsyncIterator[common_pb2.User]:
+        """Every user after `page_token`, in id order; `timeout` bounds the whole stream.
+
+        To stop early, iterate inside `contextlib.aclosing(...)`: that cancels the stream at
+        once instead of whenever the abandoned generator is collected.
+        """
+        call = self.stub.ListUsers(
+            pb.ListUsersRequest(page_size=page_size, page_token=page_token),
+            timeout=_or_default(timeout, self.stream_timeout),
+        )
+        try:
+            async for user in call:
+                yield user
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from err
+        finally:
+            # A no-op once the stream has ended; otherwise the consumer gave up early (or was
+            # cancelled, which must still propagate: nothing here catches CancelledError).
+            call.cancel()
+
+    async def bulk_create(
+        self,
+        requests: Iterable[pb.CreateUserRequest] | AsyncIterable[pb.CreateUserRequest],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> pb.BulkCreateResponse:
+        """Create one user per request; refused rows come back in `errors`, not as exceptions.
+
+        `requests` may be a plain or an async iterable. If iterating it raises, the call is
+        cancelled and that exception propagates; rows the server had already committed stay.
+        """
+        tap = _RequestTap()
+        try:
+            return await self.stub.BulkCreateUsers(
+                tap.async_rows(requests), timeout=_or_default(timeout, self.stream_timeout)
+            )
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from err
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            # Only a cancellation gRPC made because the source failed is replaced; one aimed
+            # at this task (cancelling() > 0) must propagate untouched.
+            if tap.error is not None and task is not None and task.cancelling() == 0:
+                raise tap.error from None
+            raise
