@@ -302,7 +302,7 @@ async def test_bulk_empty_stream(stub: UserServiceStub) -> None:
 
 
 async def test_bulk_with_passwords_hashes_them(stub: UserServiceStub, hub: HubServer) -> None:
-    rows = [pb.CreateUserRequest(email=f"p{i}@example.com", password="long enough") for i in range(3)]
+    rows = [pb.CreateUserRequest(email=f"p{i}@x.io", password="long enough") for i in range(3)]
     response = await stub.BulkCreateUsers(iter(rows), timeout=20)
     assert response.created_count == 3
     stored = hub.store.password_hash(response.user_ids[0])  # type: ignore[attr-defined]
