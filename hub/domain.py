@@ -84,6 +84,11 @@ class UserPatch:
         )
 
 
+def tombstone(user: User) -> User:
+    """The user as its deletion event carries it: one version past the last."""
+    return replace(user, updated_at=max(now_us(), user.updated_at), version=user.version + 1)
+
+
 def email_key(email: str) -> str:
     """Emails are unique case-insensitively; the index is keyed by this form."""
     return email.casefold()

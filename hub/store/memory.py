@@ -8,7 +8,6 @@ import secrets
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
 
 from hub.domain import (
     Event,
@@ -20,6 +19,7 @@ from hub.domain import (
     email_key,
     now_us,
     partition_of,
+    tombstone,
 )
 from hub.errors import AlreadyExists, NotFound, VersionConflict
 from hub.store.base import BulkResult
@@ -97,8 +97,7 @@ class MemoryStore:
         del self._emails[email_key(current.email)]
         self._hashes.pop(user_id, None)
         del self._ids[bisect.bisect_left(self._ids, user_id)]
-        gone = replace(current, version=current.version + 1, updated_at=now_us())
-        event = self._append(EventType.DELETED, gone)
+        event = self._append(EventType.DELETED, tombstone(current))
         self._publish([event])
         return event
 

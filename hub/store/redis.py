@@ -12,8 +12,10 @@ Channel {prefix}:ev:{p} carries each write's events of partition p (see write.lu
 
 from __future__ import annotations
 
+import asyncio
+import random
 import secrets
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from importlib.resources import files
 from typing import Any, cast
@@ -33,6 +35,7 @@ from hub.domain import (
     email_key,
     now_us,
     partition_of,
+    tombstone,
 )
 from hub.errors import (
     AlreadyExists,
@@ -43,6 +46,7 @@ from hub.errors import (
     VersionConflict,
 )
 from hub.store.base import BulkResult
+from hub.store.locks import KeyedLock
 
 _WRITE_LUA = files("hub.store").joinpath("write.lua").read_text()
 _OK, _NOT_FOUND, _EMAIL_TAKEN, _VERSION_MISMATCH, _ID_TAKEN = range(5)
@@ -112,6 +116,7 @@ class RedisStore:
         self._history_size = history_size
         self._p = prefix
         self._write = client.register_script(_WRITE_LUA)
+        self._user_locks = KeyedLock()
         self._emails, self._ids = f"{prefix}:emails", f"{prefix}:ids"
         self._offsets, self._epoch = f"{prefix}:offsets", f"{prefix}:epoch"
 
@@ -202,38 +207,41 @@ class RedisStore:
     async def update(
         self, user_id: str, patch: UserPatch, expected_version: int | None = None
     ) -> Event:
-        for _ in range(_CAS_ATTEMPTS):
-            current, pw_hash = await self._read(user_id)
-            if expected_version is not None and current.version != expected_version:
-                raise VersionConflict(user_id, expected_version, current.version)
+        def op(current: User, pw_hash: str | None) -> _Op:
             updated = patch.apply(current)
-            op = _Op(
-                EventType.UPDATED, updated, current.version,
-                email_key(current.email), email_key(updated.email), pw_hash,
-            )
-            (result,) = await self._apply([op])
-            if not isinstance(result, _Raced):
-                return _raise_or_return(result)
-            if expected_version is not None:
-                raise VersionConflict(user_id, expected_version, result.stored)
-        raise Contention(user_id)
+            return _Op(EventType.UPDATED, updated, current.version,
+                       email_key(current.email), email_key(updated.email), pw_hash)
+
+        return await self._compare_and_set(user_id, expected_version, op)
 
     async def delete(self, user_id: str, expected_version: int | None = None) -> Event:
-        for _ in range(_CAS_ATTEMPTS):
-            current, _hash = await self._read(user_id)
-            if expected_version is not None and current.version != expected_version:
-                raise VersionConflict(user_id, expected_version, current.version)
-            gone = User(
-                current.id, current.email, current.name, current.status,
-                current.created_at, max(now_us(), current.updated_at), current.version + 1,
-            )
+        def op(current: User, _hash: str | None) -> _Op:
             key = email_key(current.email)
-            op = _Op(EventType.DELETED, gone, current.version, key, key, None)
-            (result,) = await self._apply([op])
-            if not isinstance(result, _Raced):
-                return _raise_or_return(result)
-            if expected_version is not None:
-                raise VersionConflict(user_id, expected_version, result.stored)
+            return _Op(EventType.DELETED, tombstone(current), current.version, key, key, None)
+
+        return await self._compare_and_set(user_id, expected_version, op)
+
+    async def _compare_and_set(
+        self, user_id: str, expected_version: int | None,
+        make_op: Callable[[User, str | None], _Op],
+    ) -> Event:
+        """Read, build the change, write it only if the version is still the one read.
+
+        Writers on one user in this process queue on a lock, so they never race each other;
+        only writers on other instances can win a race, and then we re-read and retry after a
+        jittered pause (without expected_version: with it, the caller asked to fail instead).
+        """
+        async with self._user_locks.hold(user_id):
+            for attempt in range(_CAS_ATTEMPTS):
+                current, pw_hash = await self._read(user_id)
+                if expected_version is not None and current.version != expected_version:
+                    raise VersionConflict(user_id, expected_version, current.version)
+                (result,) = await self._apply([make_op(current, pw_hash)])
+                if not isinstance(result, _Raced):
+                    return _raise_or_return(result)
+                if expected_version is not None:
+                    raise VersionConflict(user_id, expected_version, result.stored)
+                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
         raise Contention(user_id)
 
     async def _apply(self, ops: Sequence[_Op]) -> list[BulkResult | _Raced]:

@@ -1,0 +1,47 @@
+"""Resume tokens: where a subscriber stands in the event history.
+
+A token is `base64url(msgpack([1, epoch, [offset_0, ..., offset_{n-1}]]))` without padding:
+the format version, the history epoch, and for every partition the offset of the last event
+the subscriber has been given (or had filtered out). Offsets are small integers, so with the
+default 16 partitions a token is a few dozen characters. Tokens are opaque to clients; this
+docstring is the documentation of record.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+import msgpack
+
+from hub.domain import Position
+from hub.errors import InvalidArgument
+
+_VERSION = 1
+
+
+def encode(position: Position) -> str:
+    raw = msgpack.packb([_VERSION, position.epoch, list(position.offsets)])
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def decode(token: str, partitions: int, field: str = "resume_token") -> Position:
+    """Raises InvalidArgument for anything that is not a token of this deployment."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        version, epoch, offsets = msgpack.unpackb(raw)
+        valid = (
+            version == _VERSION
+            and isinstance(epoch, str)
+            and isinstance(offsets, list)
+            and all(isinstance(o, int) and o >= 0 for o in offsets)
+        )
+    except (ValueError, TypeError, binascii.Error, msgpack.UnpackException):
+        valid = False
+    if not valid:
+        raise InvalidArgument.of(field, "not a resume token")
+    if len(offsets) != partitions:
+        raise InvalidArgument.of(
+            field, f"token has {len(offsets)} partitions, this deployment {partitions}"
+        )
+    return Position(epoch, tuple(offsets))
