@@ -6,6 +6,7 @@
      ├── AlreadyExists        a unique field (email) is taken
      ├── VersionConflict      expected_version did not match the stored version
  ├── Contention           too many concurrent writers on one user; retry the call
+ ├── TooManyRows          a bulk stream's response would exceed the message size limit
      └── StoreUnavailable     the store (Redis) cannot be reached; nothing was written
 """
 
@@ -55,6 +56,15 @@ class VersionConflict(HubError):
 class Contention(HubError):
     def __init__(self, user_id: str) -> None:
         super().__init__(f"user {user_id} is changing too fast to update; retry")
+
+
+class TooManyRows(HubError):
+    def __init__(self, index: int) -> None:
+        self.index = index
+        super().__init__(
+            f"the stream is full at row {index}: this row and the rest were not read;"
+            " send them in another stream"
+        )
 
 
 class StoreUnavailable(HubError):

@@ -39,6 +39,10 @@ _MASKABLE = ("email", "name", "status")
 # A partial bulk batch is written once it is this old, so a slow producer's rows still show up
 # to subscribers promptly instead of waiting for the batch to fill.
 _BULK_FLUSH_AFTER = 0.05
+# Worst-case encoded size of one row's outcome in BulkCreateResponse (an error quoting a
+# 254-character email), and room kept free for the rest of the response.
+_ROW_RESERVE = 400
+_RESPONSE_HEADROOM = 1024
 
 
 def _unary(
@@ -197,8 +201,17 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         response = user_service_pb2.BulkCreateResponse()
         batch: list[tuple[int, NewUser]] = []
         started = time.monotonic()
+        # The response lists every row's outcome, so it must stay under the message limit:
+        # `size` is its encoded size so far and every pending row reserves its worst case.
+        budget = self._settings.max_message_bytes - _RESPONSE_HEADROOM
+        size = 0
+
+        def refuse(index: int, exc: errors.HubError) -> None:
+            nonlocal size
+            size += _row_error(response, index, exc).ByteSize() + 3
 
         async def flush() -> None:
+            nonlocal size
             rows = [new for _, new in batch]
             try:
                 results = await self._store.create_many(rows)
@@ -208,18 +221,25 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
                 results = [exc] * len(rows)
             for (index, _), result in zip(batch, results, strict=True):
                 if isinstance(result, errors.HubError):
-                    _row_error(response, index, result)
+                    refuse(index, result)
                 else:
                     response.user_ids.append(result.user.id)
+                    size += len(result.user.id) + 2
             batch.clear()
 
         index = -1
         async for request in request_iterator:
             index += 1
+            if size + (len(batch) + 1) * _ROW_RESERVE > budget:
+                await flush()
+                if size + _ROW_RESERVE > budget:
+                    # Stop reading: this row and the rest were not processed.
+                    refuse(index, errors.TooManyRows(index))
+                    break
             try:
                 batch.append((index, await self._new_user(request)))
             except errors.HubError as exc:
-                _row_error(response, index, exc)
+                refuse(index, exc)
             if len(batch) >= self._settings.bulk_batch_size or (
                 batch and time.monotonic() - started > _BULK_FLUSH_AFTER
             ):
@@ -241,10 +261,12 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
 
 def _row_error(
     response: user_service_pb2.BulkCreateResponse, index: int, exc: errors.HubError
-) -> None:
+) -> user_service_pb2.BulkCreateError:
     field = ""
     if isinstance(exc, errors.InvalidArgument):
         field = exc.violations[0].field
     elif isinstance(exc, errors.AlreadyExists):
         field = exc.field
-    response.errors.add(index=index, code=code_of(exc).value[0], message=str(exc), field=field)
+    return response.errors.add(
+        index=index, code=code_of(exc).value[0], message=str(exc), field=field
+    )

@@ -24,6 +24,7 @@ _CODES: dict[type[errors.HubError], grpc.StatusCode] = {
     errors.VersionConflict: grpc.StatusCode.ABORTED,
     errors.Contention: grpc.StatusCode.ABORTED,
     errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.TooManyRows: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 

@@ -320,3 +320,22 @@ async def test_user_updates_is_unimplemented_for_now(stub: UserServiceStub) -> N
     with anyio.fail_after(5):
         err = await fails(call.read())
     assert err.code() == Code.UNIMPLEMENTED
+
+
+async def test_bulk_response_never_exceeds_the_message_limit() -> None:
+    from hub.settings import Settings
+    from hub.store.memory import MemoryStore
+
+    settings = Settings(port=0, max_message_bytes=16_384, bulk_batch_size=50)
+    async with HubServer(settings, store=MemoryStore()) as server, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = UserServiceStub(channel)
+        rows = (pb.CreateUserRequest(email=f"r{i}@example.com") for i in range(5000))
+        response = await stub.BulkCreateUsers(rows, timeout=10)
+        assert response.ByteSize() <= 16_384
+        *refused, stop = response.errors
+        assert not refused
+        assert stop.code == Code.RESOURCE_EXHAUSTED.value[0]
+        # Every row before the stop was created, none after it.
+        assert response.created_count == stop.index > 100
+        assert len(await all_users(stub)) == stop.index
