@@ -7,7 +7,9 @@
      ├── VersionConflict      expected_version did not match the stored version
  ├── Contention           too many concurrent writers on one user; retry the call
  ├── TooManyRows          a bulk stream's response would exceed the message size limit
-     └── StoreUnavailable     the store (Redis) cannot be reached; nothing was written
+     ├── StoreUnavailable     the store (Redis) cannot be reached; nothing was written
+ ├── SlowConsumer         a subscriber fell further behind than its buffer allows
+ └── ContinuityLost       a subscriber cannot be given every event since its token
 """
 
 from __future__ import annotations
@@ -69,4 +71,27 @@ class TooManyRows(HubError):
 
 class StoreUnavailable(HubError):
     def __init__(self, detail: str = "the user store is unreachable; nothing was written") -> None:
+        super().__init__(detail)
+
+
+class SlowConsumer(HubError):
+    """Carries the resume token of the last response sent, so the subscriber resumes there."""
+
+    def __init__(self, limit: str, resume_token: str = "") -> None:
+        self.limit, self.resume_token = limit, resume_token
+        super().__init__(
+            f"subscriber fell behind by more than {limit}; resume with the token in the"
+            " trailing metadata (hub-resume-token)"
+        )
+
+
+class ContinuityLost(HubError):
+    """The events since a subscriber's position are gone: it must start again from a snapshot.
+
+    reason: EPOCH_CHANGED (the history was reset, e.g. Redis restarted empty) or
+    HISTORY_EXPIRED (the events were trimmed from the bounded history).
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
         super().__init__(detail)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -47,29 +48,25 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
             log.log(level, "%s %s %.1fms", method, code.name,
                     (time.perf_counter() - started) * 1000)
 
-        if handler.unary_unary or handler.stream_unary:
-            inner_unary = handler.unary_unary or handler.stream_unary
+        behaviour = (handler.unary_unary or handler.stream_unary or handler.unary_stream
+                     or handler.stream_stream)
 
-            async def unary(request: Any, context: Context) -> Any:
-                started, exc = time.perf_counter(), None
-                try:
-                    return await inner_unary(request, context)
-                except BaseException as e:
-                    exc = e
-                    raise
-                finally:
-                    done(context, started, exc)
-
-            make = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
-                    else grpc.stream_unary_rpc_method_handler)
-            return make(unary, handler.request_deserializer, handler.response_serializer)
-
-        inner_stream = handler.unary_stream or handler.stream_stream
-
-        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+        async def call(request: Any, context: Context) -> Any:
+            # Coroutine handlers: unary responses, and streams written with context.write.
             started, exc = time.perf_counter(), None
             try:
-                async for item in inner_stream(request, context):
+                return await behaviour(request, context)
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                done(context, started, exc)
+
+        async def generate(request: Any, context: Context) -> AsyncIterator[Any]:
+            # Async-generator handlers: responses yielded one by one.
+            started, exc = time.perf_counter(), None
+            try:
+                async for item in behaviour(request, context):
                     yield item
             except BaseException as e:
                 exc = e
@@ -77,9 +74,16 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 done(context, started, exc)
 
-        make_stream = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
-                       else grpc.stream_stream_rpc_method_handler)
-        return make_stream(stream, handler.request_deserializer, handler.response_serializer)
+        wrapped = generate if inspect.isasyncgenfunction(behaviour) else call
+        if handler.unary_unary:
+            make = grpc.unary_unary_rpc_method_handler
+        elif handler.stream_unary:
+            make = grpc.stream_unary_rpc_method_handler
+        elif handler.unary_stream:
+            make = grpc.unary_stream_rpc_method_handler
+        else:
+            make = grpc.stream_stream_rpc_method_handler
+        return make(wrapped, handler.request_deserializer, handler.response_serializer)
 
 
 _SERVER_FAULTS = {

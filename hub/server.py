@@ -13,24 +13,40 @@ import contextlib
 import logging
 import signal
 from types import TracebackType
+from typing import Any
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from hub.api.user.v1 import user_service_pb2, user_service_pb2_grpc
+from hub.api.user.v1 import user_service_pb2, user_sync_service_pb2
 from hub.errors import StoreUnavailable
+from hub.fanout import Fanout, Limits
 from hub.interceptors import LoggingInterceptor
+from hub.live import LiveStreams, UserSyncService
+from hub.ops import UserOps
 from hub.passwords import PasswordHashing
 from hub.service import UserService
 from hub.settings import Settings
 from hub.store.base import Store
 from hub.store.memory import MemoryStore
 from hub.store.redis import RedisStore
+from hub.wire import encode_event
 
 log = logging.getLogger(__name__)
 
-USER_SERVICE = user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
+_USER_SERVICE = user_service_pb2.DESCRIPTOR.services_by_name["UserService"]
+_SYNC_SERVICE = user_sync_service_pb2.DESCRIPTOR.services_by_name["UserSyncService"]
+USER_SERVICE = _USER_SERVICE.full_name
+SYNC_SERVICE = _SYNC_SERVICE.full_name
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
 # How often readiness re-checks the store.
 _HEALTH_INTERVAL = 1.0
 
@@ -70,34 +86,45 @@ class HubServer:
         self._server = grpc.aio.server(
             interceptors=[LoggingInterceptor()], options=server_options(settings)
         )
-        user_service_pb2_grpc.add_UserServiceServicer_to_server(
-            UserService(self.store, PasswordHashing(settings.password_hash_concurrency), settings),
-            self._server,
+        self.fanout = Fanout(
+            self.store, encode_event,
+            Limits(settings.subscriber_max_events, settings.subscriber_max_bytes),
         )
+        ops = UserOps(self.store, PasswordHashing(settings.password_hash_concurrency))
+        live = LiveStreams(self.fanout, ops, settings)
+        add_service(self._server, _USER_SERVICE, UserService(ops, live, settings))
+        add_service(self._server, _SYNC_SERVICE, UserSyncService(live))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            [USER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
+            [USER_SERVICE, SYNC_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME],
+            self._server,
         )
-        self._monitor: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> int:
         self.port = self._server.add_insecure_port(self.settings.address)
         if not self.port:
             raise OSError(f"cannot bind {self.settings.address}")
         await self._set_ready(await self._store_ok())
+        self._tasks = [
+            asyncio.create_task(self.fanout.run(), name="hub-fanout"),
+            asyncio.create_task(self._watch_store(), name="hub-health"),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(_report_exit)
         await self._server.start()
-        self._monitor = asyncio.create_task(self._watch_store(), name="hub-health")
         log.info("hub listening on %s:%d", self.settings.host, self.port)
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
         """Readiness goes NOT_SERVING first so balancers drain us, then calls get `grace`."""
         await self.health.enter_graceful_shutdown()
-        if self._monitor:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
         await self._server.stop(self.settings.shutdown_grace if grace is None else grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.store.aclose()
 
     async def wait_for_termination(self) -> None:
@@ -119,20 +146,20 @@ class HubServer:
             return False
         return True
 
-    async def _set_ready(self, ok: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if ok \
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", USER_SERVICE):
-            await self.health.set(name, status)
+    async def _set_ready(self, ok: bool, live: bool = False) -> None:
+        for name, serving in (("", ok), (USER_SERVICE, ok), (SYNC_SERVICE, ok and live)):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING if serving
+                                  else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _watch_store(self) -> None:
+        """Readiness: the store answers (and, for the live feeds, the event bus is up)."""
         ready = True
         while True:
             ok = await self._store_ok()
             if ok != ready:
                 log.warning("store %s", "reachable again" if ok else "unreachable: NOT_SERVING")
                 ready = ok
-            await self._set_ready(ok)
+            await self._set_ready(ok, self.fanout.connected)
             await asyncio.sleep(_HEALTH_INTERVAL)
 
 
@@ -169,6 +196,37 @@ async def serve(settings: Settings) -> None:
         graceful.cancel()
     immediate.cancel()
     log.info("hub stopped")
+
+
+def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: object) -> None:
+    """Registers `servicer`'s methods for `service` straight from the descriptor.
+
+    Unlike the generated add_*_to_server, the response serializer passes `bytes` through, so a
+    handler can send a message it assembled from pre-encoded parts (one encoding per event,
+    not one per subscriber).
+    """
+    handlers = {}
+    for method in service.methods:
+        kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        request = message_factory.GetMessageClass(method.input_type)
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=request.FromString,
+            response_serializer=_serialize,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+
+
+def _serialize(message: Any) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def _report_exit(task: asyncio.Task[None]) -> None:
+    """A background task must never die unseen."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s died", task.get_name(), exc_info=task.exception())
 
 
 def _redact(url: str) -> str:

@@ -9,23 +9,20 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
-from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf import empty_pb2
 
-from hub import errors
+from hub import errors, tokens
 from hub.api.user.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
-from hub.domain import NewUser, User, UserPatch, UserStatus
-from hub.passwords import PasswordHashing
+from hub.domain import NewUser
+from hub.live import LiveStreams
+from hub.ops import UserOps
 from hub.settings import Settings
 from hub.status import code_of, to_status
-from hub.store.base import Store
 from hub.validation import (
     check,
-    email_violation,
-    name_violation,
-    password_violation,
-    status_violation,
     user_id_violation,
 )
+from hub.wire import RESUME_TOKEN_KEY, user_to_pb
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +32,6 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-_MASKABLE = ("email", "name", "status")
 # A partial bulk batch is written once it is this old, so a slow producer's rows still show up
 # to subscribers promptly instead of waiting for the batch to fill.
 _BULK_FLUSH_AFTER = 0.05
@@ -79,26 +75,11 @@ def _server_stream(
     return wrapper
 
 
-def _timestamp(us: int) -> timestamp_pb2.Timestamp:
-    return timestamp_pb2.Timestamp(seconds=us // 1_000_000, nanos=us % 1_000_000 * 1000)
-
-
-def user_to_pb(user: User) -> common_pb2.User:
-    return common_pb2.User(
-        id=user.id,
-        email=user.email,
-        name=user.name,
-        status=int(user.status),  # type: ignore[arg-type]
-        created_at=_timestamp(user.created_at),
-        updated_at=_timestamp(user.updated_at),
-        version=user.version,
-    )
-
-
 class UserService(user_service_pb2_grpc.UserServiceServicer):
-    def __init__(self, store: Store, hashing: PasswordHashing, settings: Settings) -> None:
-        self._store = store
-        self._hashing = hashing
+    def __init__(self, ops: UserOps, live: LiveStreams, settings: Settings) -> None:
+        self._ops = ops
+        self._store = ops.store
+        self._live = live
         self._settings = settings
 
     @_unary
@@ -112,64 +93,19 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
     async def CreateUser(
         self, request: user_service_pb2.CreateUserRequest, context: Context
     ) -> common_pb2.User:
-        new = await self._new_user(request)
-        return user_to_pb((await self._store.create(new)).user)
-
-    async def _new_user(self, request: user_service_pb2.CreateUserRequest) -> NewUser:
-        check(
-            email_violation(request.email),
-            name_violation(request.name),
-            password_violation(request.password),
-            status_violation(request.status),
-        )
-        pw_hash = await self._hashing.hash(request.password) if request.password else None
-        return NewUser.build(request.email, request.name, UserStatus(request.status), pw_hash)
+        return user_to_pb((await self._ops.create(request)).user)
 
     @_unary
     async def UpdateUser(
         self, request: user_service_pb2.UpdateUserRequest, context: Context
     ) -> common_pb2.User:
-        user = request.user
-        paths = list(request.update_mask.paths)
-        if paths == ["*"]:
-            paths = list(_MASKABLE)
-        elif not paths:  # AIP-134: no mask means every field the request sets
-            paths = [p for p in _MASKABLE if getattr(user, p)]
-        unknown = [p for p in paths if p not in _MASKABLE]
-        expected = request.expected_version if request.HasField("expected_version") else None
-        check(
-            user_id_violation(user.id, "user.id"),
-            errors.FieldViolation(
-                "update_mask.paths", f"unknown path(s) {unknown}; allowed: {list(_MASKABLE)}"
-            ) if unknown else None,
-            errors.FieldViolation("update_mask", "names no field to update")
-            if not paths else None,
-            email_violation(user.email, "user.email") if "email" in paths else None,
-            name_violation(user.name, "user.name") if "name" in paths else None,
-            status_violation(user.status, "user.status", allow_unspecified=False)
-            if "status" in paths else None,
-            errors.FieldViolation("expected_version", "must be at least 1")
-            if expected is not None and expected < 1 else None,
-        )
-        patch = UserPatch(
-            email=user.email if "email" in paths else None,
-            name=user.name if "name" in paths else None,
-            status=UserStatus(user.status) if "status" in paths else None,
-        )
-        event = await self._store.update(user.id, patch, expected)
-        return user_to_pb(event.user)
+        return user_to_pb((await self._ops.update(request)).user)
 
     @_unary
     async def DeleteUser(
         self, request: user_service_pb2.DeleteUserRequest, context: Context
     ) -> empty_pb2.Empty:
-        expected = request.expected_version if request.HasField("expected_version") else None
-        check(
-            user_id_violation(request.user_id),
-            errors.FieldViolation("expected_version", "must be at least 1")
-            if expected is not None and expected < 1 else None,
-        )
-        await self._store.delete(request.user_id, expected)
+        await self._ops.delete(request)
         return empty_pb2.Empty()
 
     @_server_stream
@@ -182,6 +118,10 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
             if not 0 <= request.page_size <= MAX_PAGE_SIZE else None,
             user_id_violation(request.page_token, "page_token") if request.page_token else None,
         )
+        # Positioned just before the listing: subscribing with it delivers every change made
+        # after the snapshot began (some may already show in it; versions tell which).
+        position = await self._store.position()
+        context.set_trailing_metadata(((RESUME_TOKEN_KEY, tokens.encode(position)),))
         after = request.page_token
         while True:
             # One page at a time: memory stays bounded by page_size whatever the user count.
@@ -237,7 +177,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
                     refuse(index, errors.TooManyRows(index))
                     break
             try:
-                batch.append((index, await self._new_user(request)))
+                batch.append((index, await self._ops.new_user(request)))
             except errors.HubError as exc:
                 refuse(index, exc)
             if len(batch) >= self._settings.bulk_batch_size or (
@@ -250,13 +190,12 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         response.created_count = len(response.user_ids)
         return response
 
-    async def UserUpdates(
+    async def UserUpdates(  # type: ignore[override]
         self,
         request_iterator: AsyncIterable[user_service_pb2.UserUpdateRequest],
         context: Context,
-    ) -> AsyncIterator[common_pb2.User]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "UserUpdates is not implemented yet")
-        yield common_pb2.User()  # pragma: no cover - makes this an async generator
+    ) -> None:
+        await self._live.serve(request_iterator, context, batched=False)
 
 
 def _row_error(

@@ -29,6 +29,13 @@ class Settings:
     # Rows BulkCreateUsers gathers into one atomic store call.
     bulk_batch_size: int = 500
     log_level: str = "INFO"
+    # Seconds between heartbeat responses on an idle Sync stream (no events, a fresh token).
+    heartbeat_interval: float = 15.0
+    # A subscriber whose unsent events exceed either bound is cut with RESOURCE_EXHAUSTED
+    # (and its resume token), so it can never slow anyone else down or exhaust memory.
+    subscriber_max_events: int = 10_000
+    subscriber_max_bytes: int = 8 * 1024 * 1024
+    max_subscription_users: int = 10_000
 
     @classmethod
     def load(cls, overrides: Mapping[str, Any] | None = None,

@@ -17,6 +17,8 @@ from hub import errors
 
 log = logging.getLogger(__name__)
 
+ERROR_DOMAIN = "hub.user.v1"
+
 _CODES: dict[type[errors.HubError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
@@ -25,6 +27,8 @@ _CODES: dict[type[errors.HubError], grpc.StatusCode] = {
     errors.Contention: grpc.StatusCode.ABORTED,
     errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.TooManyRows: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.SlowConsumer: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.ContinuityLost: grpc.StatusCode.OUT_OF_RANGE,
 }
 
 
@@ -35,8 +39,10 @@ def code_of(exc: errors.HubError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def to_status(exc: BaseException) -> grpc.Status:
-    """A rich status for `context.abort_with_status`."""
+def to_status(
+    exc: BaseException, trailing_metadata: tuple[tuple[str, str], ...] = ()
+) -> grpc.Status:
+    """A rich status for `context.abort_with_status` (plus any extra trailing metadata)."""
     if not isinstance(exc, errors.HubError):
         log.error("unexpected error", exc_info=exc)
         return rpc_status.to_status(
@@ -49,7 +55,15 @@ def to_status(exc: BaseException) -> grpc.Status:
         packed = any_pb2.Any()
         packed.Pack(detail)
         status.details.append(packed)
-    return rpc_status.to_status(status)
+    rich = rpc_status.to_status(status)
+    if not trailing_metadata:
+        return rich
+    return _Status(rich.code, rich.details, (*rich.trailing_metadata, *trailing_metadata))
+
+
+class _Status(grpc.Status):
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: Any) -> None:
+        self.code, self.details, self.trailing_metadata = code, details, trailing_metadata
 
 
 def _detail(exc: errors.HubError) -> Any:
@@ -61,6 +75,13 @@ def _detail(exc: errors.HubError) -> Any:
                 )
                 for v in exc.violations
             ]
+        )
+    if isinstance(exc, errors.ContinuityLost):
+        return error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN)
+    if isinstance(exc, errors.SlowConsumer):
+        return error_details_pb2.ErrorInfo(
+            reason="SLOW_CONSUMER", domain=ERROR_DOMAIN,
+            metadata={"resume_token": exc.resume_token, "limit": exc.limit},
         )
     if isinstance(exc, errors.NotFound):
         return error_details_pb2.ResourceInfo(

@@ -312,16 +312,6 @@ async def test_bulk_with_passwords_hashes_them(stub: UserServiceStub, hub: HubSe
     assert "long enough" not in stored
 
 
-# -- UserUpdates ----------------------------------------------------------------------------
-
-
-async def test_user_updates_is_unimplemented_for_now(stub: UserServiceStub) -> None:
-    call = stub.UserUpdates(iter([]), timeout=5)
-    with anyio.fail_after(5):
-        err = await fails(call.read())
-    assert err.code() == Code.UNIMPLEMENTED
-
-
 async def test_bulk_response_never_exceeds_the_message_limit() -> None:
     from hub.settings import Settings
     from hub.store.memory import MemoryStore

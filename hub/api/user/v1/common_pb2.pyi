@@ -3,9 +3,11 @@
 isort:skip_file
 Messages shared by the services of user.v1."""
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -35,6 +37,29 @@ USER_STATUS_ACTIVE: UserStatus.ValueType  # 1
 USER_STATUS_INACTIVE: UserStatus.ValueType  # 2
 Global___UserStatus: _TypeAlias = UserStatus  # noqa: Y015
 
+class _EventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_TYPE_UNSPECIFIED: _EventType.ValueType  # 0
+    EVENT_TYPE_CREATED: _EventType.ValueType  # 1
+    EVENT_TYPE_UPDATED: _EventType.ValueType  # 2
+    EVENT_TYPE_DELETED: _EventType.ValueType  # 3
+    EVENT_TYPE_SNAPSHOT: _EventType.ValueType  # 4
+    """The user's state when a snapshot was taken (Subscribe.snapshot), not a change."""
+
+class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
+
+EVENT_TYPE_UNSPECIFIED: EventType.ValueType  # 0
+EVENT_TYPE_CREATED: EventType.ValueType  # 1
+EVENT_TYPE_UPDATED: EventType.ValueType  # 2
+EVENT_TYPE_DELETED: EventType.ValueType  # 3
+EVENT_TYPE_SNAPSHOT: EventType.ValueType  # 4
+"""The user's state when a snapshot was taken (Subscribe.snapshot), not a change."""
+Global___EventType: _TypeAlias = EventType  # noqa: Y015
+
 @_typing.final
 class User(_message.Message):
     """A user record as clients see it. Secrets (password, its hash) are never part of it."""
@@ -48,6 +73,7 @@ class User(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    DELETED_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned, unique and time-ordered (a 26-character ULID)."""
     email: _builtins.str
@@ -59,6 +85,12 @@ class User(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def deleted_at(self) -> _timestamp_pb2.Timestamp:
+        """Set only on a change event that deletes the user (UserUpdates streams), to when it was
+        deleted. A live view drops the user when it sees this.
+        """
+
     def __init__(
         self,
         *,
@@ -69,11 +101,103 @@ class User(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         version: _builtins.int = ...,
+        deleted_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deleted_at", b"deleted_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "email", b"email", "id", b"id", "name", b"name", "status", b"status", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deleted_at", b"deleted_at", "email", b"email", "id", b"id", "name", b"name", "status", b"status", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___User: _TypeAlias = User  # noqa: Y015
+
+@_typing.final
+class UserEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    WRITTEN_AT_FIELD_NUMBER: _builtins.int
+    type: Global___EventType.ValueType
+    @_builtins.property
+    def user(self) -> Global___User:
+        """The user after the change; for EVENT_TYPE_DELETED, as it was, at the deleting version."""
+
+    @_builtins.property
+    def written_at(self) -> _timestamp_pb2.Timestamp:
+        """When the write was made (absent for snapshots): for delivery-latency measurements."""
+
+    def __init__(
+        self,
+        *,
+        type: Global___EventType.ValueType = ...,
+        user: Global___User | None = ...,
+        written_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user", "written_at", b"written_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["type", b"type", "user", b"user", "written_at", b"written_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserEvent: _TypeAlias = UserEvent  # noqa: Y015
+
+@_typing.final
+class Subscribe(_message.Message):
+    """Start (or widen) a subscription on a UserUpdates or Sync stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_IDS_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    CONFLATE_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """Resume after the events this token covers (from a SyncResponse, a RESOURCE_EXHAUSTED
+    status, or ListUsers' trailing metadata). Only on a stream's first Subscribe.
+    """
+    snapshot: _builtins.bool
+    """First send the current state of the followed users as EVENT_TYPE_SNAPSHOT events."""
+    conflate: _builtins.bool
+    """Keep only the latest event per user while the stream is backed up (state, not steps)."""
+    @_builtins.property
+    def user_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The users to follow; empty: all users."""
+
+    def __init__(
+        self,
+        *,
+        user_ids: _abc.Iterable[_builtins.str] | None = ...,
+        resume_token: _builtins.str = ...,
+        snapshot: _builtins.bool = ...,
+        conflate: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflate", b"conflate", "resume_token", b"resume_token", "snapshot", b"snapshot", "user_ids", b"user_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Subscribe: _TypeAlias = Subscribe  # noqa: Y015
+
+@_typing.final
+class Unsubscribe(_message.Message):
+    """Stop following some users (or, with no user_ids, everything)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        user_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_ids", b"user_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Unsubscribe: _TypeAlias = Unsubscribe  # noqa: Y015

@@ -217,18 +217,69 @@ class DeleteUserRequest(_message.Message):
 Global___DeleteUserRequest: _TypeAlias = DeleteUserRequest  # noqa: Y015
 
 @_typing.final
-class UserUpdateRequest(_message.Message):
-    """A message on the UserUpdates stream (defined with the live-sync work)."""
+class UserChange(_message.Message):
+    """A change sent on a stream, applied exactly like the unary RPC of the same kind."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CREATE_FIELD_NUMBER: _builtins.int
+    UPDATE_FIELD_NUMBER: _builtins.int
+    DELETE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Chosen by the client; echoed in the change's result (Sync)."""
+    @_builtins.property
+    def create(self) -> Global___CreateUserRequest: ...
+    @_builtins.property
+    def update(self) -> Global___UpdateUserRequest: ...
+    @_builtins.property
+    def delete(self) -> Global___DeleteUserRequest: ...
     def __init__(
         self,
+        *,
+        request_id: _builtins.str = ...,
+        create: Global___CreateUserRequest | None = ...,
+        update: Global___UpdateUserRequest | None = ...,
+        delete: Global___DeleteUserRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "create", b"create", "delete", b"delete", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "create", b"create", "delete", b"delete", "request_id", b"request_id", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["create", "update", "delete"]  # noqa: Y015
+    _WhichOneofArgType_change: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_change) -> _WhichOneofReturnType_change | None: ...
+
+Global___UserChange: _TypeAlias = UserChange  # noqa: Y015
+
+@_typing.final
+class UserUpdateRequest(_message.Message):
+    """A message on the UserUpdates stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIBE_FIELD_NUMBER: _builtins.int
+    UNSUBSCRIBE_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def subscribe(self) -> _common_pb2.Subscribe: ...
+    @_builtins.property
+    def unsubscribe(self) -> _common_pb2.Unsubscribe: ...
+    @_builtins.property
+    def change(self) -> Global___UserChange: ...
+    def __init__(
+        self,
+        *,
+        subscribe: _common_pb2.Subscribe | None = ...,
+        unsubscribe: _common_pb2.Unsubscribe | None = ...,
+        change: Global___UserChange | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "request", b"request", "subscribe", b"subscribe", "unsubscribe", b"unsubscribe"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "request", b"request", "subscribe", b"subscribe", "unsubscribe", b"unsubscribe"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["subscribe", "unsubscribe", "change"]  # noqa: Y015
+    _WhichOneofArgType_request: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_request) -> _WhichOneofReturnType_request | None: ...
 
 Global___UserUpdateRequest: _TypeAlias = UserUpdateRequest  # noqa: Y015

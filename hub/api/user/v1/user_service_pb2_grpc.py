@@ -105,7 +105,8 @@ class UserServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UserUpdates(self, request_iterator, context):
-        """Bidirectional: subscribe to changes and send changes.
+        """Bidirectional: subscribe to changes (each User sent carries its version; a deleted user
+        comes with deleted_at set) and send changes (a refused change ends the stream).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

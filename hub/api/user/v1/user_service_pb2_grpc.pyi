@@ -42,7 +42,9 @@ class UserServiceStub:
     BulkCreateUsers: _grpc.StreamUnaryMultiCallable[_user_service_pb2.CreateUserRequest, _user_service_pb2.BulkCreateResponse]
     """Client streaming: one create per message; bad rows are reported, never fatal."""
     UserUpdates: _grpc.StreamStreamMultiCallable[_user_service_pb2.UserUpdateRequest, _common_pb2.User]
-    """Bidirectional: subscribe to changes and send changes."""
+    """Bidirectional: subscribe to changes (each User sent carries its version; a deleted user
+    comes with deleted_at set) and send changes (a refused change ends the stream).
+    """
     UpdateUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.UpdateUserRequest, _common_pb2.User]
     """Partial update of name/email/status, optionally guarded by the expected version."""
     DeleteUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserRequest, _empty_pb2.Empty]
@@ -59,7 +61,9 @@ class UserServiceAsyncStub(UserServiceStub):
     BulkCreateUsers: _aio.StreamUnaryMultiCallable[_user_service_pb2.CreateUserRequest, _user_service_pb2.BulkCreateResponse]  # type: ignore[assignment]
     """Client streaming: one create per message; bad rows are reported, never fatal."""
     UserUpdates: _aio.StreamStreamMultiCallable[_user_service_pb2.UserUpdateRequest, _common_pb2.User]  # type: ignore[assignment]
-    """Bidirectional: subscribe to changes and send changes."""
+    """Bidirectional: subscribe to changes (each User sent carries its version; a deleted user
+    comes with deleted_at set) and send changes (a refused change ends the stream).
+    """
     UpdateUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.UpdateUserRequest, _common_pb2.User]  # type: ignore[assignment]
     """Partial update of name/email/status, optionally guarded by the expected version."""
     DeleteUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserRequest, _empty_pb2.Empty]  # type: ignore[assignment]
@@ -103,7 +107,9 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_user_service_pb2.UserUpdateRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_common_pb2.User], _abc.AsyncIterator[_common_pb2.User]]:
-        """Bidirectional: subscribe to changes and send changes."""
+        """Bidirectional: subscribe to changes (each User sent carries its version; a deleted user
+        comes with deleted_at set) and send changes (a refused change ends the stream).
+        """
 
     @_abc_1.abstractmethod
     def UpdateUser(

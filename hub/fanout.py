@@ -1,0 +1,393 @@
+"""Fan-out: one per process, from the store's event bus to every local subscription.
+
+    fanout = Fanout(store, encode, Limits())
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(fanout.run())            # the one listener (and its auditor)
+        sub = await fanout.open(users=None)     # all users, live from now
+        try:
+            items, position = await sub.next_batch(timeout=15)
+        finally:
+            sub.close()
+
+One store subscription per process, never one per client. Each event is decoded once (by the
+store) and encoded once (by `encode`, which the gRPC layer supplies, so this module knows no
+protobuf), then pushed to the bounded buffer of every matching subscription.
+
+Positions: the engine keeps, per partition, the offset of the last event it routed; offsets
+are consecutive, so a batch whose first offset is not the next one reveals a gap (a pub/sub
+message lost while the connection was down, Redis dropping a slow subscriber connection, ...),
+which is repaired from the history before anything later is routed. An auditor re-reads the
+store's positions every second, so a loss at the tail (with no later event to reveal it) is
+repaired too. A subscriber's resume token is the engine's position at the moment its buffer
+is drained: every matching event up to it has been handed over, none after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+
+from hub.domain import Event, Position, partition_of
+from hub.errors import ContinuityLost, SlowConsumer, StoreUnavailable
+from hub.store.base import Store
+
+log = logging.getLogger(__name__)
+
+EPOCH_CHANGED = "EPOCH_CHANGED"
+HISTORY_EXPIRED = "HISTORY_EXPIRED"
+_REPLAY_CHUNK = 500
+_AUDIT_INTERVAL = 1.0
+_BACKOFF_MIN, _BACKOFF_MAX = 0.05, 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One event, encoded once for every subscriber that gets it."""
+
+    user_id: str
+    event: bytes  # what a batched feed sends (user.v1.UserEvent)
+    user: bytes  # what a per-user feed sends (user.v1.User)
+
+
+Encoder = Callable[[Event], Encoded]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-subscription buffer bounds; a subscriber past either is cut (SlowConsumer)."""
+
+    max_events: int = 10_000
+    max_bytes: int = 8 * 1024 * 1024
+
+
+class Subscription:
+    """A bounded buffer of encoded events for one stream, filled by the engine."""
+
+    def __init__(
+        self, engine: Fanout, users: set[str] | None, conflate: bool, limits: Limits
+    ) -> None:
+        self._engine = engine
+        self.users = users  # None: all users
+        self.conflate = conflate
+        self._limits = limits
+        self._items: list[Encoded] = []
+        self._latest: dict[str, Encoded] = {}  # conflated: the newest event per user
+        self._bytes = 0
+        self._wake = asyncio.Event()
+        self.failed = asyncio.Event()
+        self.error: Exception | None = None
+        # The engine position when this subscription started receiving live events.
+        self.origin = engine.position()
+
+    def push(self, item: Encoded) -> None:
+        """Called by the engine, synchronously, for every matching event."""
+        if self.error is not None:
+            return
+        if self.conflate:
+            old = self._latest.pop(item.user_id, None)
+            if old is not None:
+                self._bytes -= len(old.event)
+            self._latest[item.user_id] = item
+            count = len(self._latest)
+        else:
+            self._items.append(item)
+            count = len(self._items)
+        self._bytes += len(item.event)
+        if count > self._limits.max_events:
+            self.fail(SlowConsumer(f"{self._limits.max_events} events"))
+        elif self._bytes > self._limits.max_bytes:
+            self.fail(SlowConsumer(f"{self._limits.max_bytes} bytes"))
+        self._wake.set()
+
+    def fail(self, error: Exception) -> None:
+        """Ends the subscription: its owner sees `error` on its next wait."""
+        if self.error is None:
+            self.error = error
+            self._items, self._latest, self._bytes = [], {}, 0
+            self._wake.set()
+            self.failed.set()
+
+    def wake(self) -> None:
+        """Lets the owner's wait return without events (e.g. change results to send)."""
+        self._wake.set()
+
+    async def wait(self, idle: float) -> None:
+        """Until there is something to drain, the subscription fails, or `idle` s pass."""
+        if not self._wake.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), idle)
+        if self.error is not None:
+            raise self.error
+
+    def drain(self) -> tuple[list[Encoded], Position]:
+        """Everything buffered, and the position that covers it (for the resume token)."""
+        if self.error is not None:
+            raise self.error
+        if self.conflate:
+            items, self._latest = list(self._latest.values()), {}
+        else:
+            items, self._items = self._items, []
+        self._bytes = 0
+        self._wake.clear()
+        return items, self._engine.position()
+
+    def matches(self, user_id: str) -> bool:
+        return self.users is None or user_id in self.users
+
+    def partitions(self, count: int) -> set[int]:
+        if self.users is None:
+            return set(range(count))
+        return {partition_of(u, count) for u in self.users}
+
+    def add_users(self, users: Iterable[str] | None) -> None:
+        """Follow more users, or all users (users=None); live from now."""
+        if users is None or self.users is None:
+            self._engine._reindex(self, None)
+        else:
+            self._engine._reindex(self, self.users | set(users))
+
+    def remove_users(self, users: Iterable[str] | None) -> None:
+        """Unsubscribe some users, or everything (users=None)."""
+        if users is None:
+            self._engine._reindex(self, set())
+        elif self.users is not None:
+            self._engine._reindex(self, self.users - set(users))
+
+    def close(self) -> None:
+        self._engine._unregister(self)
+
+
+class Fanout:
+    def __init__(self, store: Store, encode: Encoder, limits: Limits | None = None) -> None:
+        self._store = store
+        self._encode = encode
+        self.limits = limits or Limits()
+        self.partitions = store.partitions
+        self.epoch = ""
+        self._pos = [0] * store.partitions
+        self._all: set[Subscription] = set()
+        self._by_user: dict[str, set[Subscription]] = {}
+        self._lock = asyncio.Lock()  # one router at a time: listener or auditor
+        self.ready = asyncio.Event()
+        self.connected = False
+
+    # -- positions --------------------------------------------------------------------------
+
+    def position(self) -> Position:
+        return Position(self.epoch, tuple(self._pos))
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._all) + len({s for subs in self._by_user.values() for s in subs})
+
+    # -- subscriptions ----------------------------------------------------------------------
+
+    async def open(
+        self, users: set[str] | None, conflate: bool = False, resume: Position | None = None,
+        ready_timeout: float = 5.0,
+    ) -> Subscription:
+        """Registers a subscription, live from the engine's current position (its origin).
+
+        With `resume`, first checks it can be continued from (see `reach`); call `replay`
+        next to get the events between `resume` and the origin.
+        """
+        try:
+            await asyncio.wait_for(self.ready.wait(), ready_timeout)
+        except TimeoutError:
+            raise StoreUnavailable("the event bus is not connected") from None
+        if resume is not None:
+            await self.reach(resume)
+        sub = Subscription(self, None, conflate, self.limits)
+        self._reindex(sub, users)
+        return sub
+
+    def restart(self, sub: Subscription, users: set[str] | None) -> None:
+        """Re-points a subscription to `users`, live from now: its origin moves here."""
+        sub.origin = self.position()
+        self._reindex(sub, users)
+
+    async def reach(self, resume: Position) -> None:
+        """Checks `resume` is from this history (same epoch). A token handed out by a faster
+        instance may be a few events ahead of this one: wait for the engine to catch up."""
+        if resume.epoch != self.epoch:
+            raise ContinuityLost(
+                EPOCH_CHANGED,
+                f"history epoch {resume.epoch} is gone (now {self.epoch}): the event history"
+                " was reset; start again from a snapshot",
+            )
+        if all(r <= p for r, p in zip(resume.offsets, self._pos, strict=True)):
+            return
+        async with self._lock:
+            await self._catch_up()
+        if any(r > p for r, p in zip(resume.offsets, self._pos, strict=True)):
+            raise ContinuityLost(
+                HISTORY_EXPIRED, "the token is ahead of the event history: it is not from it"
+            )
+
+    async def replay(
+        self, sub: Subscription, start: Position
+    ) -> AsyncIterator[tuple[list[Encoded], Position]]:
+        """The events after `start` up to the subscription's origin that match it, in chunks,
+        each with the position it brings the subscriber to. Raises ContinuityLost when the
+        history no longer reaches back to `start`."""
+        progress = list(start.offsets)
+        wanted = sub.partitions(self.partitions)
+        for p in range(self.partitions):
+            if p not in wanted:
+                progress[p] = sub.origin.offsets[p]  # nothing there can match
+        for p in sorted(wanted):
+            target = sub.origin.offsets[p]
+            while progress[p] < target:
+                events = await self._store.history(
+                    p, progress[p], min(_REPLAY_CHUNK, target - progress[p])
+                )
+                if not events or events[0].offset != progress[p] + 1:
+                    raise ContinuityLost(
+                        HISTORY_EXPIRED,
+                        f"events after offset {progress[p]} of partition {p} have left the"
+                        " bounded history; start again from a snapshot",
+                    )
+                items = [self._encode(e) for e in events
+                         if e.offset <= target and sub.matches(e.user.id)]
+                progress[p] = min(events[-1].offset, target)
+                yield items, Position(start.epoch, tuple(progress))
+
+    def _reindex(self, sub: Subscription, users: set[str] | None) -> None:
+        self._unregister(sub)
+        sub.users = users
+        if users is None:
+            self._all.add(sub)
+        else:
+            for u in users:
+                self._by_user.setdefault(u, set()).add(sub)
+
+    def _unregister(self, sub: Subscription) -> None:
+        self._all.discard(sub)
+        for u in sub.users or ():
+            subs = self._by_user.get(u)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._by_user[u]
+
+    # -- the listener -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Runs until cancelled; store failures are retried, never fatal."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._listen(), name="fanout-listen")
+            tg.create_task(self._audit(), name="fanout-audit")
+
+    async def _listen(self) -> None:
+        backoff = _BACKOFF_MIN
+        while True:
+            try:
+                async with self._store.listen() as batches:
+                    async with self._lock:
+                        await self._catch_up()
+                    self.connected = True
+                    self.ready.set()
+                    backoff = _BACKOFF_MIN
+                    log.info("fan-out listening at epoch %s", self.epoch)
+                    async for batch in batches:
+                        async with self._lock:
+                            await self._on_batch(batch)
+            except StoreUnavailable as exc:
+                log.warning("fan-out lost the event bus (%s); reconnecting in %.2fs",
+                            exc, backoff)
+            except Exception:
+                # A bug must not silence every subscriber: log it loudly and start over.
+                log.exception("fan-out listener failed; restarting in %.2fs", backoff)
+            self.connected = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    async def _audit(self) -> None:
+        while True:
+            await asyncio.sleep(_AUDIT_INTERVAL)
+            if not self.connected:
+                continue
+            try:
+                async with self._lock:
+                    await self._catch_up()
+            except StoreUnavailable:
+                pass  # the listener sees it too and reconnects
+            except Exception:
+                log.exception("fan-out audit failed")
+
+    async def _catch_up(self) -> None:
+        """Route whatever the store has that we have not (after a reconnect, or a lost tail)."""
+        current = await self._store.position()
+        if not self.epoch:
+            self.epoch, self._pos = current.epoch, list(current.offsets)
+            return
+        if current.epoch != self.epoch:
+            self._reset(current)
+            return
+        for p, target in enumerate(current.offsets):
+            if target > self._pos[p]:
+                await self._repair(p, target)
+
+    async def _on_batch(self, events: list[Event]) -> None:
+        first = events[0]
+        if first.epoch != self.epoch:
+            self._reset(await self._store.position())
+            return
+        p = first.partition
+        if first.offset > self._pos[p] + 1:
+            await self._repair(p, first.offset - 1)
+        for event in events:
+            if event.offset == self._pos[p] + 1:
+                self._route(event)
+
+    async def _repair(self, p: int, target: int) -> None:
+        log.info("fan-out repairing partition %d from offset %d to %d", p, self._pos[p], target)
+        while self._pos[p] < target:
+            events = await self._store.history(p, self._pos[p],
+                                               min(_REPLAY_CHUNK, target - self._pos[p]))
+            if not events or events[0].offset != self._pos[p] + 1:
+                lost_to = events[0].offset - 1 if events else target
+                self._lose(p, lost_to)
+                continue
+            for event in events:
+                if event.offset <= target:
+                    self._route(event)
+
+    def _route(self, event: Event) -> None:
+        self._pos[event.partition] = event.offset
+        by_user = self._by_user.get(event.user.id)
+        if not self._all and not by_user:
+            return
+        item = self._encode(event)
+        for sub in self._all:
+            sub.push(item)
+        for sub in by_user or ():
+            sub.push(item)
+
+    def _lose(self, p: int, lost_to: int) -> None:
+        """Events of partition p up to `lost_to` are gone: whoever could have wanted one of
+        them has lost continuity and is told so."""
+        log.error("fan-out: events %d..%d of partition %d left the history before delivery",
+                  self._pos[p] + 1, lost_to, p)
+        error = ContinuityLost(
+            HISTORY_EXPIRED, f"events of partition {p} were lost before delivery; start"
+            " again from a snapshot",
+        )
+        for sub in [*self._all, *{s for subs in self._by_user.values() for s in subs}]:
+            if p in sub.partitions(self.partitions):
+                sub.fail(error)
+        self._pos[p] = lost_to
+
+    def _reset(self, current: Position) -> None:
+        log.warning("event history epoch changed from %s to %s: ending every subscription",
+                    self.epoch, current.epoch)
+        error = ContinuityLost(
+            EPOCH_CHANGED, "the event history was reset (epoch changed); start again from a"
+            " snapshot",
+        )
+        for sub in [*self._all, *{s for subs in self._by_user.values() for s in subs}]:
+            sub.fail(error)
+        self.epoch, self._pos = current.epoch, list(current.offsets)

@@ -1,0 +1,91 @@
+"""Validated writes from request messages: shared by the unary RPCs and streamed changes."""
+
+from __future__ import annotations
+
+from hub import errors
+from hub.api.user.v1 import user_service_pb2
+from hub.domain import Event, NewUser, UserPatch, UserStatus
+from hub.passwords import PasswordHashing
+from hub.store.base import Store
+from hub.validation import (
+    check,
+    email_violation,
+    name_violation,
+    password_violation,
+    status_violation,
+    user_id_violation,
+)
+
+_MASKABLE = ("email", "name", "status")
+
+
+class UserOps:
+    """Validated writes from request messages: what the unary RPCs and streamed changes share."""
+
+    def __init__(self, store: Store, hashing: PasswordHashing) -> None:
+        self.store = store
+        self._hashing = hashing
+
+    async def new_user(self, request: user_service_pb2.CreateUserRequest) -> NewUser:
+        check(
+            email_violation(request.email),
+            name_violation(request.name),
+            password_violation(request.password),
+            status_violation(request.status),
+        )
+        pw_hash = await self._hashing.hash(request.password) if request.password else None
+        return NewUser.build(request.email, request.name, UserStatus(request.status), pw_hash)
+
+    async def create(self, request: user_service_pb2.CreateUserRequest) -> Event:
+        return await self.store.create(await self.new_user(request))
+
+    async def update(self, request: user_service_pb2.UpdateUserRequest) -> Event:
+        user = request.user
+        paths = list(request.update_mask.paths)
+        if paths == ["*"]:
+            paths = list(_MASKABLE)
+        elif not paths:  # AIP-134: no mask means every field the request sets
+            paths = [p for p in _MASKABLE if getattr(user, p)]
+        unknown = [p for p in paths if p not in _MASKABLE]
+        expected = request.expected_version if request.HasField("expected_version") else None
+        check(
+            user_id_violation(user.id, "user.id"),
+            errors.FieldViolation(
+                "update_mask.paths", f"unknown path(s) {unknown}; allowed: {list(_MASKABLE)}"
+            ) if unknown else None,
+            errors.FieldViolation("update_mask", "names no field to update")
+            if not paths else None,
+            email_violation(user.email, "user.email") if "email" in paths else None,
+            name_violation(user.name, "user.name") if "name" in paths else None,
+            status_violation(user.status, "user.status", allow_unspecified=False)
+            if "status" in paths else None,
+            _version_violation(expected),
+        )
+        patch = UserPatch(
+            email=user.email if "email" in paths else None,
+            name=user.name if "name" in paths else None,
+            status=UserStatus(user.status) if "status" in paths else None,
+        )
+        return await self.store.update(user.id, patch, expected)
+
+    async def delete(self, request: user_service_pb2.DeleteUserRequest) -> Event:
+        expected = request.expected_version if request.HasField("expected_version") else None
+        check(user_id_violation(request.user_id), _version_violation(expected))
+        return await self.store.delete(request.user_id, expected)
+
+    async def apply(self, change: user_service_pb2.UserChange) -> Event:
+        """A change sent on a stream, applied exactly like the unary RPC of its kind."""
+        kind = change.WhichOneof("change")
+        if kind == "create":
+            return await self.create(change.create)
+        if kind == "update":
+            return await self.update(change.update)
+        if kind == "delete":
+            return await self.delete(change.delete)
+        raise errors.InvalidArgument.of("change", "names no create, update or delete")
+
+
+def _version_violation(expected: int | None) -> errors.FieldViolation | None:
+    if expected is not None and expected < 1:
+        return errors.FieldViolation("expected_version", "must be at least 1")
+    return None
