@@ -145,6 +145,9 @@ def _user_command(fn: Any) -> Any:
             for field, description in exc.violations:
                 print(f"  {field}: {description}", file=sys.stderr)
             return 1
+        except ImportFileError as exc:
+            print(f"hub: {exc}", file=sys.stderr)
+            return 1
         return 0
 
     return run
@@ -183,11 +186,41 @@ def _user_list(client: Any, args: argparse.Namespace) -> None:
         _print_user(user)
 
 
+class ImportFileError(Exception):
+    """The import file cannot be read: nothing was imported."""
+
+
+def _format_of(path: Path, fmt: str | None) -> str:
+    return fmt or ("jsonl" if path.suffix in (".jsonl", ".ndjson", ".json") else "csv")
+
+
+def check_import_file(path: Path, fmt: str | None = None) -> None:
+    """Reads a JSON-lines file once before anything is sent: a broken line refuses the whole
+    file rather than leaving it half imported. (CSV has no such failure; stdin can't be
+    read twice.)"""
+    if str(path) == "-":
+        return
+    if not path.is_file():
+        raise ImportFileError(f"cannot read {path}: no such file")
+    if _format_of(path, fmt) != "jsonl":
+        return
+    with path.open() as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ImportFileError(f"{path} line {number}: not valid JSON ({exc.msg})") \
+                    from None
+            if not isinstance(row, dict):
+                raise ImportFileError(f"{path} line {number}: not a JSON object")
+
+
 def read_rows(path: Path, fmt: str | None = None) -> Iterator[dict[str, Any]]:
     """Rows of an import file as dicts; CSV needs a header naming its columns."""
-    fmt = fmt or ("jsonl" if path.suffix in (".jsonl", ".ndjson", ".json") else "csv")
     with (sys.stdin if str(path) == "-" else path.open(newline="")) as f:
-        if fmt == "csv":
+        if _format_of(path, fmt) == "csv":
             yield from csv.DictReader(f)
         else:
             for line in f:
@@ -210,6 +243,7 @@ def _user_import(client: Any, args: argparse.Namespace) -> None:
                 status=_STATUSES.get(status, -1),  # type: ignore[arg-type]
             )
 
+    check_import_file(args.file, args.format)
     response = client.bulk_create(requests())
     for err in response.errors:
         where = f" ({err.field})" if err.field else ""

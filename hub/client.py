@@ -36,7 +36,7 @@ per call. A deadline covers all retry attempts of the call, not each one.
 Retries. gRPC's own retry machinery does them, configured by a service config on the channel
 (`RETRY_SERVICE_CONFIG`), which brings exponential backoff with jitter and honours the deadline:
 
-* GetUser and ListUsers are retried on UNAVAILABLE, up to 4 attempts in all, backoff starting
+* GetUser and ListUsers are retried on UNAVAILABLE, up to 5 attempts in all, backoff starting
   at 0.1 s, doubling, capped at 2 s. ListUsers is retried only until its first user arrives
   (gRPC then commits to the attempt); after that, resume with `page_token=<last id seen>`.
 * CreateUser, BulkCreateUsers, UpdateUser and DeleteUser are never retried by the client. When
@@ -85,7 +85,7 @@ _SERVICE: Final = "user.v1.UserService"
 _MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
 
 _RETRY_POLICY: Final[dict[str, Any]] = {
-    "maxAttempts": 4,
+    "maxAttempts": 5,
     "initialBackoff": "0.1s",
     "maxBackoff": "2s",
     "backoffMultiplier": 2,
@@ -127,6 +127,12 @@ CHANNEL_OPTIONS: Final[tuple[tuple[str, str | int], ...]] = (
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+    # Redial a refused address after 0.1 s (doubling to 2 s) instead of gRPC's default 1 s:
+    # otherwise every retry attempt inside that first second fails at once on the dead
+    # connection, and a read gives up on a hub that was down for a moment.
+    # (Not grpc.min_reconnect_backoff_ms: gRPC also uses it as the connect timeout.)
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 )
 
 

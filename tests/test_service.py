@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import anyio
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
