@@ -55,9 +55,9 @@ def make_store(settings: Settings) -> Store:
     if settings.redis_url:
         return RedisStore.from_url(
             settings.redis_url, partitions=settings.partitions,
-            history_size=settings.history_size,
+            history_size=settings.history_size, history_max_age=settings.history_max_age,
         )
-    return MemoryStore(partitions=settings.partitions, history_size=settings.history_size)
+    return MemoryStore(settings.partitions, settings.history_size, settings.history_max_age)
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:

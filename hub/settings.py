@@ -19,8 +19,9 @@ class Settings:
     # Events are ordered per partition; a user's events always share one. Every instance
     # sharing a Redis must use the same count.
     partitions: int = 16
-    # Events kept per partition for resuming subscribers.
+    # Events kept per partition for resuming subscribers, and for at most this many seconds.
     history_size: int = 10_000
+    history_max_age: float = 86_400.0
     # Seconds in-flight calls get to finish on SIGTERM/SIGINT before they are cancelled.
     shutdown_grace: float = 10.0
     max_message_bytes: int = 4 * 1024 * 1024

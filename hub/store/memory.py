@@ -32,12 +32,15 @@ class MemoryStore:
     with respect to every other coroutine, as a Lua script is in Redis.
     """
 
-    def __init__(self, partitions: int = 16, history_size: int = 10_000) -> None:
+    def __init__(
+        self, partitions: int = 16, history_size: int = 10_000, history_max_age: float = 86_400.0
+    ) -> None:
         self.partitions = partitions
         self._users: dict[str, User] = {}
         self._hashes: dict[str, str] = {}
         self._emails: dict[str, str] = {}
         self._ids: list[str] = []  # sorted; ULIDs mostly arrive in order, so insort appends
+        self._max_age_us = int(history_max_age * 1_000_000)
         self._epoch = secrets.token_hex(4)
         self._offsets = [0] * partitions
         self._history = [deque[Event](maxlen=history_size) for _ in range(partitions)]
@@ -132,6 +135,9 @@ class MemoryStore:
 
     async def history(self, partition: int, after_offset: int, limit: int) -> list[Event]:
         log = self._history[partition]
+        cutoff = now_us() - self._max_age_us
+        while log and log[0].ts < cutoff:
+            log.popleft()
         if not log:
             return []
         # Offsets in one partition's log are consecutive, so the index is arithmetic.

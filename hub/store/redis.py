@@ -108,12 +108,14 @@ class RedisStore:
         partitions: int = 16,
         history_size: int = 10_000,
         prefix: str = "hub",
+        history_max_age: float = 86_400.0,
     ) -> None:
         self.partitions = partitions
         # redis-py types every reply as a bytes/str union whatever decode_responses says; this
         # client never decodes, so replies are bytes and are treated as such.
         self._r: Any = client
         self._history_size = history_size
+        self._history_max_age_ms = int(history_max_age * 1000)
         self._p = prefix
         self._write = client.register_script(_WRITE_LUA)
         self._user_locks = KeyedLock()
@@ -249,7 +251,10 @@ class RedisStore:
         streams: dict[int, int] = {}  # partition -> index of its stream key in KEYS
         keys = [self._emails, self._ids, self._offsets, self._epoch]
         keys += [self._user_key(op.user.id) for op in ops]
-        args: list[Any] = [secrets.token_hex(4), self._history_size, f"{self._p}:ev:", len(ops)]
+        args: list[Any] = [
+            secrets.token_hex(4), self._history_size, f"{self._p}:ev:", len(ops),
+            ts // 1000, self._history_max_age_ms,
+        ]
         partitions = [partition_of(op.user.id, self.partitions) for op in ops]
         for p in partitions:
             if p not in streams:
