@@ -3,6 +3,7 @@
     hub serve [--host H] [--port P] [--redis-url URL]
     hub user create --email ada@example.com --name Ada
     hub user import users.csv            # or .jsonl; streams through BulkCreateUsers
+    hub watch [--user ID ...]            # live changes, one JSON line each, resuming by itself
 """
 
 from __future__ import annotations
@@ -100,6 +101,17 @@ def _parser() -> argparse.ArgumentParser:
                      " or .jsonl/.ndjson with one object per line; - reads CSV from stdin")
     imp.add_argument("--format", choices=("csv", "jsonl"), help="default: from the extension")
     imp.set_defaults(run=_user_import)
+
+    watch = commands.add_parser("watch", help="print live changes as JSON lines")
+    watch.add_argument("--target", action="append",
+                       help="hub address; repeat to fail over between instances"
+                            " (HUB_TARGET, default localhost:50051)")
+    watch.add_argument("--user", action="append", default=[], metavar="ID",
+                       help="follow only this user (repeatable); default: all users")
+    watch.add_argument("--snapshot", action="store_true",
+                       help="first print every followed user's current state")
+    watch.add_argument("--resume-token", default="", help="resume after this token")
+    watch.set_defaults(run=_watch)
     return parser
 
 
@@ -249,3 +261,29 @@ def _user_import(client: Any, args: argparse.Namespace) -> None:
         where = f" ({err.field})" if err.field else ""
         print(f"row {err.index + 1}{where}: {err.message}", file=sys.stderr)
     print(f"created {response.created_count}, refused {len(response.errors)}")
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from hub.client import ClientError, ContinuityLost, SyncFeed
+
+    targets = args.target or [os.environ.get("HUB_TARGET", "localhost:50051")]
+    feed = SyncFeed(targets, args.user, resume_token=args.resume_token, snapshot=args.snapshot)
+
+    async def run() -> None:
+        async for item in feed:
+            if isinstance(item, ContinuityLost):
+                print(f"hub: continuity lost ({item.reason}): {item.message}; a snapshot"
+                      " follows", file=sys.stderr)
+                continue
+            for event in item.events:
+                print(json_format.MessageToJson(event, indent=None,
+                                                preserving_proto_field_name=True), flush=True)
+
+    try:
+        asyncio.run(run())
+    except ClientError as exc:
+        print(f"hub: {exc.code.name}: {exc.details}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"hub: stopped; resume with --resume-token {feed.resume_token}", file=sys.stderr)
+    return 0

@@ -176,13 +176,19 @@ class _Stream:
             await self._send(items, tail)
 
     async def _send(self, items: list[Encoded], tail: user_sync_service_pb2.SyncResponse) -> None:
-        if self._batched:
-            await self._context.write(sync_response(items, tail))
-        else:
-            for item in items:
-                await self._context.write(item.user)
-        self.token = tail.resume_token
+        # The token moves before the write: once handed to gRPC the message is queued ahead of
+        # any status, so a stream cut while this write waits on a stalled client still
+        # delivers it, and the token given with RESOURCE_EXHAUSTED must be past it.
         self._last_write = time.monotonic()
+        if self._batched:
+            self.token = tail.resume_token
+            await self._context.write(sync_response(items, tail))
+            return
+        # UserUpdates sends one message per event, so a cut can fall between them: the token
+        # moves only once all are handed over (a resume may repeat some; versions tell).
+        for item in items:
+            await self._context.write(item.user)
+        self.token = tail.resume_token
 
     async def _control(self, request: common_pb2.Subscribe | common_pb2.Unsubscribe) -> None:
         if isinstance(request, common_pb2.Unsubscribe):
