@@ -77,7 +77,6 @@ class Subscription:
         self._latest: dict[str, Encoded] = {}  # conflated: the newest event per user
         self._bytes = 0
         self._wake = asyncio.Event()
-        self.failed = asyncio.Event()
         self.error: Exception | None = None
         # The engine position when this subscription started receiving live events.
         self.origin = engine.position()
@@ -108,7 +107,9 @@ class Subscription:
             self.error = error
             self._items, self._latest, self._bytes = [], {}, 0
             self._wake.set()
-            self.failed.set()
+            # Stop routing to it now, not when its owner gets round to closing it (a stalled
+            # stream's writer may be stuck for long); not during this routing pass, though.
+            asyncio.get_running_loop().call_soon(self.close)
 
     def wake(self) -> None:
         """Lets the owner's wait return without events (e.g. change results to send)."""

@@ -3,9 +3,15 @@ resumable UserSyncService.Sync feed. Both share one session type.
 
 Per stream: a reader task applies the client's requests as they come; a writer task is the one
 writer of the stream, and sends whatever the subscription buffered as ONE response (so batches
-grow with load, and an idle stream gets an event as soon as it happens); a watcher ends the
-stream the moment its subscription fails (a stalled client blocks the writer in `write`, so the
-writer could not notice itself). The three run in a TaskGroup owned by the RPC handler.
+grow with load, and an idle stream gets an event as soon as it happens). Both run in a
+TaskGroup owned by the RPC handler.
+
+Every way a stream ends with a status goes through its subscription: the reader fails it with
+a refused request, the engine with SlowConsumer or ContinuityLost. The writer raises the error
+at its next turn, never in the middle of a write: gRPC cannot send a status while a cancelled
+write is still in flight (the call would hang with none). For a stalled client the engine has
+already dropped its buffer and unregistered it; the status reaches the client right after the
+responses it has not read yet, whenever it reads again (or keepalive ends a dead connection).
 """
 
 from __future__ import annotations
@@ -51,7 +57,6 @@ class LiveStreams:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(stream.read(requests))
                     tg.create_task(stream.write())
-                    tg.create_task(stream.watch())
             finally:
                 sub.close()
         except* errors.HubError as group:
@@ -98,6 +103,13 @@ class _Stream:
     # -- reader ---------------------------------------------------------------------------
 
     async def read(self, requests: AsyncIterable[Any]) -> None:
+        try:
+            await self._read(requests)
+        except Exception as exc:
+            # Ended by the writer, between writes (see the module docstring).
+            self._sub.fail(exc)
+
+    async def _read(self, requests: AsyncIterable[Any]) -> None:
         async for request in requests:
             kind = request.WhichOneof("request")
             if kind == "subscribe":
@@ -149,11 +161,6 @@ class _Stream:
         self._results.append(result)
 
     # -- writer ---------------------------------------------------------------------------
-
-    async def watch(self) -> None:
-        await self._sub.failed.wait()
-        assert self._sub.error is not None
-        raise self._sub.error
 
     async def write(self) -> None:
         heartbeat = self._live.settings.heartbeat_interval
