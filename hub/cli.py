@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from google.protobuf import json_format
 from hub.settings import Settings
 
 _STATUSES = {"active": 1, "inactive": 2}
+_PARSE = {"str": str, "int": int, "float": float}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,17 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands")
 
     serve = commands.add_parser("serve", help="run a hub server")
-    serve.add_argument("--host", help="address to bind (HUB_HOST, default 127.0.0.1)")
-    serve.add_argument("--port", type=int,
-                       help="port, 0 for any free one (HUB_PORT, default 50051)")
-    serve.add_argument("--redis-url", help="redis://[user:password@]host:port/db (HUB_REDIS_URL);"
-                       " without it the embedded in-memory store is used")
-    serve.add_argument("--partitions", type=int, help="event partitions (HUB_PARTITIONS, 16)")
-    serve.add_argument("--history-size", type=int,
-                       help="events kept per partition (HUB_HISTORY_SIZE, 10000)")
-    serve.add_argument("--shutdown-grace", type=float,
-                       help="seconds calls get to finish on SIGTERM (HUB_SHUTDOWN_GRACE, 10)")
-    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (HUB_LOG_LEVEL, INFO)")
+    for setting in fields(Settings):
+        env = f"HUB_{setting.name.upper()}"
+        serve.add_argument(
+            f"--{setting.name.replace('_', '-')}", type=_PARSE[str(setting.type)],
+            metavar=str(setting.type).upper(),
+            help=f"{setting.metadata['help']} ({env}, default {setting.default!r})",
+        )
     serve.set_defaults(run=_serve)
 
     user = commands.add_parser("user", help="manage users on a running hub")
@@ -118,10 +116,7 @@ def _parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     from hub.server import serve
 
-    flags = {k: getattr(args, k) for k in
-             ("host", "port", "redis_url", "partitions", "history_size", "shutdown_grace",
-              "log_level")}
-    settings = Settings.load(flags)
+    settings = Settings.load({f.name: getattr(args, f.name) for f in fields(Settings)})
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
