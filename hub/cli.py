@@ -265,6 +265,10 @@ def _watch(args: argparse.Namespace) -> int:
     feed = SyncFeed(targets, args.user, resume_token=args.resume_token, snapshot=args.snapshot)
 
     async def run() -> None:
+        async with feed:
+            await follow()
+
+    async def follow() -> None:
         async for item in feed:
             if isinstance(item, ContinuityLost):
                 print(f"hub: continuity lost ({item.reason}): {item.message}; a snapshot"

@@ -50,7 +50,14 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self, cast
@@ -602,14 +609,14 @@ class ContinuityLost:
 class SyncFeed:
     """An async iterator over UserSyncService.Sync that resumes by itself.
 
-        feed = SyncFeed(["hub-a:50051", "hub-b:50051"], snapshot=True)
-        async for item in feed:
-            if isinstance(item, ContinuityLost):
-                view.clear()                     # a snapshot follows
-                continue
-            for event in item.events:
-                view.apply(event)                # keep a user only if event.user.version is newer
-            checkpoint(item.resume_token)        # feed.resume_token is the same
+        async with SyncFeed(["hub-a:50051", "hub-b:50051"], snapshot=True) as feed:
+            async for item in feed:
+                if isinstance(item, ContinuityLost):
+                    view.clear()                 # a snapshot follows
+                    continue
+                for event in item.events:
+                    view.apply(event)            # keep a user if event.user.version is newer
+                checkpoint(item.resume_token)    # feed.resume_token is the same
 
     On a lost connection, an instance going away, RESOURCE_EXHAUSTED (too slow) or the stream's
     deadline, it reconnects (with capped exponential backoff and jitter, moving on to the next
@@ -641,12 +648,27 @@ class SyncFeed:
         self._stream_timeout = stream_timeout
         self._backoff = backoff
         self._options = _channel_options(options)
+        self._iterator: AsyncGenerator[SyncBatch | ContinuityLost, None] | None = None
         self.reconnects = 0
 
     def __aiter__(self) -> AsyncIterator[SyncBatch | ContinuityLost]:
-        return self._run()
+        self._iterator = self._run()
+        return self._iterator
 
-    async def _run(self) -> AsyncIterator[SyncBatch | ContinuityLost]:
+    async def aclose(self) -> None:
+        """Ends the stream and closes its channel (also done by `async with`)."""
+        if self._iterator is not None:
+            await self._iterator.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def _run(self) -> AsyncGenerator[SyncBatch | ContinuityLost, None]:
         from hub.api.user.v1 import user_sync_service_pb2 as spb
         from hub.api.user.v1 import user_sync_service_pb2_grpc as spb_grpc
 

@@ -27,8 +27,10 @@ from hub.store.redis import RedisStore
 REDIS_SERVER = shutil.which("redis-server")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def anyio_backend() -> str:
+    # Session scope keeps one event loop for the whole run: grpc.aio's completion thread can
+    # still post a late callback of a finished call, which fails on a loop already closed.
     return "asyncio"
 
 

@@ -202,7 +202,7 @@ async def test_feed_resumes_on_a_when_b_is_killed_under_writes(
         await write_mix(stub, written, 350, "kill2")
 
     with anyio.fail_after(60):
-        async with anyio.create_task_group() as tg:
+        async with feed, anyio.create_task_group() as tg:
             tg.start_soon(consume)
             tg.start_soon(write_and_kill)
     assert b.proc.wait(timeout=5) == -signal.SIGKILL
@@ -427,10 +427,11 @@ async def test_feed_signals_lost_continuity_then_snapshots(
     feed = SyncFeed(two[1].target, resume_token=token)
     items: list[SyncBatch | ContinuityLost] = []
     with anyio.fail_after(20):
-        async for item in feed:
-            items.append(item)
-            if isinstance(item, SyncBatch) and item.snapshot_complete:
-                break
+        async with feed:
+            async for item in feed:
+                items.append(item)
+                if isinstance(item, SyncBatch) and item.snapshot_complete:
+                    break
     assert isinstance(items[0], ContinuityLost) and items[0].reason == "EPOCH_CHANGED"
     snapshot = [e.user.email for i in items[1:] if isinstance(i, SyncBatch) for e in i.events]
     assert snapshot == ["b@example.com"]
