@@ -29,9 +29,18 @@ REDIS_SERVER = shutil.which("redis-server")
 
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
-    # Session scope keeps one event loop for the whole run: grpc.aio's completion thread can
-    # still post a late callback of a finished call, which fails on a loop already closed.
     return "asyncio"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_event_loop(anyio_backend: str) -> Iterator[None]:
+    """Holds a lease on anyio's test runner, so every test of the session shares one event
+    loop: grpc.aio binds its completion queue to the loop it first ran on, and a late
+    callback of a call from an earlier, since closed loop fails whichever test is running."""
+    from anyio.pytest_plugin import get_runner
+
+    with get_runner(anyio_backend, {}):
+        yield
 
 
 def free_port() -> int:
