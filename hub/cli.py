@@ -50,17 +50,20 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run a hub server")
     for setting in fields(Settings):
         env = f"HUB_{setting.name.upper()}"
-        serve.add_argument(
-            f"--{setting.name.replace('_', '-')}", type=_PARSE[str(setting.type)],
-            metavar=str(setting.type).upper(),
-            help=f"{setting.metadata['help']} ({env}, default {setting.default!r})",
-        )
+        help_ = f"{setting.metadata['help']} ({env}, default {setting.default!r})"
+        flag = f"--{setting.name.replace('_', '-')}"
+        if setting.type == "bool":
+            serve.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            serve.add_argument(flag, type=_PARSE[str(setting.type)],
+                               metavar=str(setting.type).upper(), help=help_)
     serve.set_defaults(run=_serve)
 
     user = commands.add_parser("user", help="manage users on a running hub")
     user.add_argument("--target", default=os.environ.get("HUB_TARGET", "localhost:50051"),
                       help="hub address (HUB_TARGET, default localhost:50051)")
     user.add_argument("--timeout", type=float, default=5.0, help="deadline per call in seconds")
+    _credential_flags(user)
     ops = user.add_subparsers(title="user commands")
 
     create = ops.add_parser("create", help="create a user")
@@ -109,8 +112,58 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--snapshot", action="store_true",
                        help="first print every followed user's current state")
     watch.add_argument("--resume-token", default="", help="resume after this token")
+    _credential_flags(watch)
     watch.set_defaults(run=_watch)
+
+    token = commands.add_parser("token", help="mint a development JWT (HS256)")
+    token.add_argument("--secret", default=os.environ.get("HUB_JWT_SECRET", ""),
+                       help="the server's --jwt-secret (HUB_JWT_SECRET)")
+    token.add_argument("--sub", required=True, help="the principal")
+    token.add_argument("--scope", default="users:read users:write users:subscribe",
+                       help="space-separated scopes")
+    token.add_argument("--ttl", type=float, default=3600, help="seconds until it expires")
+    token.add_argument("--aud", default="", help="audience claim")
+    token.add_argument("--iss", default="", help="issuer claim")
+    token.set_defaults(run=_token)
     return parser
+
+
+def _credential_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token", default=os.environ.get("HUB_TOKEN", ""),
+                        help="bearer JWT (HUB_TOKEN); without TLS only to a loopback target")
+    parser.add_argument("--tls", action="store_true", help="TLS with the system's roots")
+    parser.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server certificate")
+    parser.add_argument("--tls-cert", type=Path, help="PEM client certificate (mTLS)")
+    parser.add_argument("--tls-key", type=Path, help="PEM key of --tls-cert")
+
+
+def _credentials(args: argparse.Namespace) -> Any:
+    from hub.client import Credentials
+
+    def read(path: Path | None) -> bytes | None:
+        return path.read_bytes() if path else None
+
+    return Credentials(token=args.token, tls=args.tls, tls_ca=read(args.tls_ca),
+                       tls_cert=read(args.tls_cert), tls_key=read(args.tls_key))
+
+
+def _token(args: argparse.Namespace) -> int:
+    import time
+
+    import jwt
+
+    if not args.secret:
+        print("hub: --secret (or HUB_JWT_SECRET) is required", file=sys.stderr)
+        return 2
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": args.sub, "scope": args.scope, "iat": now,
+                              "exp": now + int(args.ttl)}
+    if args.aud:
+        claims["aud"] = args.aud
+    if args.iss:
+        claims["iss"] = args.iss
+    print(jwt.encode(claims, args.secret, algorithm="HS256"))
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -131,7 +184,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> Any:
     from hub.client import UserClient
 
-    return UserClient(args.target, timeout=args.timeout)
+    return UserClient(args.target, timeout=args.timeout, credentials=_credentials(args))
 
 
 def _print_user(user: Any) -> None:
@@ -262,7 +315,8 @@ def _watch(args: argparse.Namespace) -> int:
     from hub.client import ClientError, ContinuityLost, SyncFeed
 
     targets = args.target or [os.environ.get("HUB_TARGET", "localhost:50051")]
-    feed = SyncFeed(targets, args.user, resume_token=args.resume_token, snapshot=args.snapshot)
+    feed = SyncFeed(targets, args.user, resume_token=args.resume_token, snapshot=args.snapshot,
+                    credentials=_credentials(args))
 
     async def run() -> None:
         async with feed:

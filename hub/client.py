@@ -79,6 +79,7 @@ __all__ = [
     "AsyncUserClient",
     "ClientError",
     "ContinuityLost",
+    "Credentials",
     "InvalidArgumentError",
     "SyncBatch",
     "SyncFeed",
@@ -226,6 +227,53 @@ def _violations(call: grpc.Call) -> list[tuple[str, str]]:
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """How a client proves itself: a bearer token (sent as gRPC call credentials) and TLS.
+
+        Credentials(token=jwt)                                   # loopback, no TLS
+        Credentials(token=jwt, tls_ca=Path("ca.pem").read_bytes())
+        Credentials(tls_ca=ca, tls_cert=cert, tls_key=key)      # mTLS
+    """
+
+    token: str = ""
+    tls: bool = False  # TLS with the system's root certificates
+    tls_ca: bytes | None = None
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        if self.tls or self.tls_ca or self.tls_cert:
+            creds = grpc.ssl_channel_credentials(self.tls_ca, self.tls_key, self.tls_cert)
+        elif self.token:
+            # gRPC sends call credentials only over a secure channel; local credentials count
+            # as one for loopback connections, and are refused for anything else.
+            creds = grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
+        else:
+            return None
+        if self.token:
+            creds = grpc.composite_channel_credentials(
+                creds, grpc.access_token_call_credentials(self.token)
+            )
+        return creds
+
+
+def _sync_channel(target: str, options: Sequence[tuple[str, Any]],
+                  credentials: Credentials | None) -> grpc.Channel:
+    creds = credentials.channel_credentials() if credentials else None
+    opts = _channel_options(options)
+    return (grpc.secure_channel(target, creds, options=opts) if creds
+            else grpc.insecure_channel(target, options=opts))
+
+
+def _aio_channel(target: str, options: Sequence[tuple[str, Any]],
+                 credentials: Credentials | None) -> grpc.aio.Channel:
+    creds = credentials.channel_credentials() if credentials else None
+    opts = _channel_options(options)
+    return (grpc.aio.secure_channel(target, creds, options=opts) if creds
+            else grpc.aio.insecure_channel(target, options=opts))
+
+
 def _channel_options(extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
     # Merged by key so a caller's value replaces ours instead of depending on which duplicate
     # the C core happens to honour.
@@ -317,10 +365,11 @@ class UserClient:
         timeout: float = DEFAULT_TIMEOUT,
         stream_timeout: float = DEFAULT_STREAM_TIMEOUT,
         options: Sequence[tuple[str, Any]] = (),
+        credentials: Credentials | None = None,
     ) -> None:
         self.timeout = timeout
         self.stream_timeout = stream_timeout
-        self._channel = grpc.insecure_channel(target, options=_channel_options(options))
+        self._channel = _sync_channel(target, options, credentials)
         self.stub: pb_grpc.UserServiceStub = pb_grpc.UserServiceStub(self._channel)
 
     def __enter__(self) -> Self:
@@ -451,10 +500,11 @@ class AsyncUserClient:
         timeout: float = DEFAULT_TIMEOUT,
         stream_timeout: float = DEFAULT_STREAM_TIMEOUT,
         options: Sequence[tuple[str, Any]] = (),
+        credentials: Credentials | None = None,
     ) -> None:
         self.timeout = timeout
         self.stream_timeout = stream_timeout
-        self._channel = grpc.aio.insecure_channel(target, options=_channel_options(options))
+        self._channel = _aio_channel(target, options, credentials)
         self.stub: pb_grpc.UserServiceAsyncStub = pb_grpc.UserServiceStub(self._channel)
 
     async def __aenter__(self) -> Self:
@@ -636,6 +686,7 @@ class SyncFeed:
         stream_timeout: float = 3600.0,
         backoff: tuple[float, float] = (0.05, 5.0),
         options: Sequence[tuple[str, Any]] = (),
+        credentials: Credentials | None = None,
     ) -> None:
         self._targets = [targets] if isinstance(targets, str) else list(targets)
         if not self._targets:
@@ -647,7 +698,8 @@ class SyncFeed:
         # Long-lived, yet never without a deadline: when it passes, the feed simply resumes.
         self._stream_timeout = stream_timeout
         self._backoff = backoff
-        self._options = _channel_options(options)
+        self._options = options
+        self._credentials = credentials
         self._iterator: AsyncGenerator[SyncBatch | ContinuityLost, None] | None = None
         self.reconnects = 0
 
@@ -675,7 +727,7 @@ class SyncFeed:
         failures, index = 0, 0
         while True:
             target = self._targets[index % len(self._targets)]
-            async with grpc.aio.insecure_channel(target, options=self._options) as channel:
+            async with _aio_channel(target, self._options, self._credentials) as channel:
                 call = spb_grpc.UserSyncServiceStub(channel).Sync(timeout=self._stream_timeout)
                 subscribe = common_pb2.Subscribe(
                     user_ids=self._users, resume_token=self.resume_token,

@@ -9,6 +9,10 @@
  ├── TooManyRows          a bulk stream's response would exceed the message size limit
      ├── StoreUnavailable     the store (Redis) cannot be reached; nothing was written
  ├── SlowConsumer         a subscriber fell further behind than its buffer allows
+ ├── RateLimited          a principal writes faster than its rate limit
+ ├── LimitExceeded        a request is over a configured limit (ids per Subscribe, rows, ...)
+ ├── Unauthenticated      no, malformed, expired or forged bearer token
+ ├── PermissionDenied     a valid token without the scope the method needs
  └── ContinuityLost       a subscriber cannot be given every event since its token
 """
 
@@ -61,11 +65,12 @@ class Contention(HubError):
 
 
 class TooManyRows(HubError):
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, limit: int | None = None) -> None:
         self.index = index
+        why = f"over {limit} rows" if limit else "its response would exceed the message limit"
         super().__init__(
-            f"the stream is full at row {index}: this row and the rest were not read;"
-            " send them in another stream"
+            f"the stream is full at row {index} ({why}): this row and the rest were not"
+            " read; send them in another stream"
         )
 
 
@@ -95,3 +100,23 @@ class ContinuityLost(HubError):
     def __init__(self, reason: str, detail: str) -> None:
         self.reason = reason
         super().__init__(detail)
+
+
+class RateLimited(HubError):
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__(f"write rate limit reached; retry in {retry_after:.2f}s")
+
+
+class LimitExceeded(HubError):
+    def __init__(self, field: str, description: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {description}")
+
+
+class Unauthenticated(HubError):
+    pass
+
+
+class PermissionDenied(HubError):
+    pass

@@ -30,6 +30,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
+from hub import metrics
 from hub.domain import Event, Position, partition_of
 from hub.errors import ContinuityLost, SlowConsumer, StoreUnavailable
 from hub.store.base import Store
@@ -135,6 +136,10 @@ class Subscription:
         self._wake.clear()
         return items, self._engine.position()
 
+    @property
+    def pending(self) -> int:
+        return len(self._latest) if self.conflate else len(self._items)
+
     def matches(self, user_id: str) -> bool:
         return self.users is None or user_id in self.users
 
@@ -179,6 +184,11 @@ class Fanout:
 
     def position(self) -> Position:
         return Position(self.epoch, tuple(self._pos))
+
+    def queued(self) -> int:
+        """Events waiting in every subscription's buffer (for the metrics endpoint)."""
+        subs = self._all | {s for subs in self._by_user.values() for s in subs}
+        return sum(s.pending for s in subs)
 
     @property
     def subscriber_count(self) -> int:
@@ -346,6 +356,7 @@ class Fanout:
 
     async def _repair(self, p: int, target: int) -> None:
         log.info("fan-out repairing partition %d from offset %d to %d", p, self._pos[p], target)
+        metrics.GAP_REPAIRS.inc()
         while self._pos[p] < target:
             events = await self._store.history(p, self._pos[p],
                                                min(_REPLAY_CHUNK, target - self._pos[p]))
@@ -359,6 +370,7 @@ class Fanout:
 
     def _route(self, event: Event) -> None:
         self._pos[event.partition] = event.offset
+        metrics.EVENTS_ROUTED.inc()
         by_user = self._by_user.get(event.user.id)
         if not self._all and not by_user:
             return

@@ -11,6 +11,8 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from hub import metrics
+
 log = logging.getLogger("hub.access")
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
@@ -44,9 +46,11 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
 
         def done(context: Context, started: float, exc: BaseException | None) -> None:
             code = _outcome(context, exc)
+            seconds = time.perf_counter() - started
+            metrics.RPCS.labels(method, code.name).inc()
+            metrics.RPC_SECONDS.labels(method).observe(seconds)
             level = logging.WARNING if code in _SERVER_FAULTS else logging.INFO
-            log.log(level, "%s %s %.1fms", method, code.name,
-                    (time.perf_counter() - started) * 1000)
+            log.log(level, "%s %s %.1fms", method, code.name, seconds * 1000)
 
         behaviour = (handler.unary_unary or handler.stream_unary or handler.unary_stream
                      or handler.stream_stream)

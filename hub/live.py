@@ -25,10 +25,11 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from hub import errors, tokens
+from hub import errors, metrics, tokens
 from hub.api.user.v1 import common_pb2, user_sync_service_pb2, user_sync_service_pb2_grpc
 from hub.fanout import Encoded, Fanout, Subscription
 from hub.ops import UserOps
+from hub.principal import caller
 from hub.settings import Settings
 from hub.status import code_of, to_status
 from hub.validation import check, user_id_violation
@@ -53,12 +54,20 @@ class LiveStreams:
         try:
             sub = await self.fanout.open(users=set())  # follows nobody until a Subscribe
             stream = _Stream(self, sub, context, batched)
+            expires = caller().expires_at - time.time()
+            expiry = asyncio.get_running_loop().call_later(
+                max(0.0, expires), sub.fail, errors.Unauthenticated("token expired")
+            ) if expires != float("inf") else None
+            metrics.ACTIVE_STREAMS.labels("sync" if batched else "user_updates").inc()
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(stream.read(requests))
                     tg.create_task(stream.write())
             finally:
                 sub.close()
+                metrics.ACTIVE_STREAMS.labels("sync" if batched else "user_updates").dec()
+                if expiry is not None:
+                    expiry.cancel()
         except* errors.HubError as group:
             error = group.exceptions[0]
         except* grpc.aio.AbortError:
@@ -70,6 +79,7 @@ class LiveStreams:
             extra = ((RESUME_TOKEN_KEY, token),) if token else ()
             if isinstance(error, errors.SlowConsumer):
                 error.resume_token = token
+                metrics.SLOW_CONSUMERS.inc()
             await context.abort_with_status(to_status(error, extra))
 
 
@@ -128,7 +138,11 @@ class _Stream:
 
     def _check_subscribe(self, sub: common_pb2.Subscribe) -> None:
         self._subscribes += 1
-        limit = self._live.settings.max_subscription_users
+        settings = self._live.settings
+        if self._subscribes > settings.max_subscribes_per_stream:
+            raise errors.LimitExceeded(
+                "subscribe", f"at most {settings.max_subscribes_per_stream} per stream")
+        limit = settings.max_subscription_users
         check(
             *(user_id_violation(u, f"subscribe.user_ids[{i}]")
               for i, u in enumerate(sub.user_ids)),
@@ -187,6 +201,7 @@ class _Stream:
         # any status, so a stream cut while this write waits on a stalled client still
         # delivers it, and the token given with RESOURCE_EXHAUSTED must be past it.
         self._last_write = time.monotonic()
+        metrics.EVENTS_DELIVERED.inc(len(items))
         if self._batched:
             self.token = tail.resume_token
             await self._context.write(sync_response(items, tail))
@@ -208,12 +223,18 @@ class _Stream:
         merged = None if users is None or self._sub.users is None else self._sub.users | users
         if request.resume_token:
             start = tokens.decode(request.resume_token, self._fanout.partitions)
-            await self._fanout.reach(start)
-            self._fanout.restart(self._sub, merged)
-            self.token = request.resume_token
-            async for items, position in self._fanout.replay(self._sub, start):
-                tail = user_sync_service_pb2.SyncResponse(resume_token=tokens.encode(position))
-                await self._send(items, tail)
+            try:
+                await self._fanout.reach(start)
+                self._fanout.restart(self._sub, merged)
+                self.token = request.resume_token
+                async for items, position in self._fanout.replay(self._sub, start):
+                    tail = user_sync_service_pb2.SyncResponse(
+                        resume_token=tokens.encode(position))
+                    await self._send(items, tail)
+            except errors.ContinuityLost as exc:
+                metrics.RESUMES.labels(exc.reason.lower()).inc()
+                raise
+            metrics.RESUMES.labels("resumed").inc()
             return
         self._fanout.restart(self._sub, merged)
         if not self.token:

@@ -6,6 +6,8 @@ from hub import errors
 from hub.api.user.v1 import user_service_pb2
 from hub.domain import Event, NewUser, UserPatch, UserStatus
 from hub.passwords import PasswordHashing
+from hub.principal import WRITE, caller
+from hub.ratelimit import RateLimiter
 from hub.store.base import Store
 from hub.validation import (
     check,
@@ -22,9 +24,16 @@ _MASKABLE = ("email", "name", "status")
 class UserOps:
     """Validated writes from request messages: what the unary RPCs and streamed changes share."""
 
-    def __init__(self, store: Store, hashing: PasswordHashing) -> None:
+    def __init__(
+        self, store: Store, hashing: PasswordHashing, limiter: RateLimiter | None = None
+    ) -> None:
         self.store = store
         self._hashing = hashing
+        self.limiter = limiter or RateLimiter(0, 1)
+
+    def charge(self, rows: int = 1) -> None:
+        """Spends the caller's write tokens (RateLimited when the bucket is empty)."""
+        self.limiter.take(caller().subject, rows)
 
     async def new_user(self, request: user_service_pb2.CreateUserRequest) -> NewUser:
         check(
@@ -37,7 +46,9 @@ class UserOps:
         return NewUser.build(request.email, request.name, UserStatus(request.status), pw_hash)
 
     async def create(self, request: user_service_pb2.CreateUserRequest) -> Event:
-        return await self.store.create(await self.new_user(request))
+        new = await self.new_user(request)
+        self.charge()
+        return await self.store.create(new)
 
     async def update(self, request: user_service_pb2.UpdateUserRequest) -> Event:
         user = request.user
@@ -66,15 +77,19 @@ class UserOps:
             name=user.name if "name" in paths else None,
             status=UserStatus(user.status) if "status" in paths else None,
         )
+        self.charge()
         return await self.store.update(user.id, patch, expected)
 
     async def delete(self, request: user_service_pb2.DeleteUserRequest) -> Event:
         expected = request.expected_version if request.HasField("expected_version") else None
         check(user_id_violation(request.user_id), _version_violation(expected))
+        self.charge()
         return await self.store.delete(request.user_id, expected)
 
     async def apply(self, change: user_service_pb2.UserChange) -> Event:
-        """A change sent on a stream, applied exactly like the unary RPC of its kind."""
+        """A change sent on a stream, applied exactly like the unary RPC of its kind (and
+        needing the users:write scope, as those do)."""
+        caller().require(WRITE)
         kind = change.WhichOneof("change")
         if kind == "create":
             return await self.create(change.create)

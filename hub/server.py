@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -21,13 +22,16 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from hub import metrics
 from hub.api.user.v1 import user_service_pb2, user_sync_service_pb2
+from hub.auth import AuthInterceptor, TokenVerifier
 from hub.errors import StoreUnavailable
 from hub.fanout import Fanout, Limits
 from hub.interceptors import LoggingInterceptor
 from hub.live import LiveStreams, UserSyncService
 from hub.ops import UserOps
 from hub.passwords import PasswordHashing
+from hub.ratelimit import RateLimiter
 from hub.service import UserService
 from hub.settings import Settings
 from hub.store.base import Store
@@ -74,6 +78,11 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         # grpc enables SO_REUSEPORT by default, which lets a second server silently share a
         # port; one instance per port unless asked otherwise.
         ("grpc.so_reuseport", 0),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        # Connections are recycled so long-lived streams spread over new instances; the
+        # grace lets calls finish (SyncFeed resumes from its token either way).
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace * 1000)),
     ]
 
 
@@ -83,26 +92,37 @@ class HubServer:
         self.store = store or make_store(settings)
         self.health = health.aio.HealthServicer()
         self.port = 0
+        interceptors: list[grpc.aio.ServerInterceptor] = [LoggingInterceptor()]
+        verifier = TokenVerifier.from_settings(settings)
+        if verifier is not None:
+            interceptors.append(AuthInterceptor(verifier, settings))
         self._server = grpc.aio.server(
-            interceptors=[LoggingInterceptor()], options=server_options(settings)
+            interceptors=interceptors, options=server_options(settings)
         )
         self.fanout = Fanout(
             self.store, encode_event,
             Limits(settings.subscriber_max_events, settings.subscriber_max_bytes),
         )
-        ops = UserOps(self.store, PasswordHashing(settings.password_hash_concurrency))
+        ops = UserOps(self.store, PasswordHashing(settings.password_hash_concurrency),
+                      RateLimiter(settings.write_rate, settings.write_burst))
         live = LiveStreams(self.fanout, ops, settings)
         add_service(self._server, _USER_SERVICE, UserService(ops, live, settings))
         add_service(self._server, _SYNC_SERVICE, UserSyncService(live))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            [USER_SERVICE, SYNC_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME],
-            self._server,
-        )
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                [USER_SERVICE, SYNC_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME],
+                self._server,
+            )
+        self.metrics_port = 0
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> int:
-        self.port = self._server.add_insecure_port(self.settings.address)
+        credentials = server_credentials(self.settings)
+        if credentials is None:
+            self.port = self._server.add_insecure_port(self.settings.address)
+        else:
+            self.port = self._server.add_secure_port(self.settings.address, credentials)
         if not self.port:
             raise OSError(f"cannot bind {self.settings.address}")
         await self._set_ready(await self._store_ok())
@@ -113,7 +133,17 @@ class HubServer:
         for task in self._tasks:
             task.add_done_callback(_report_exit)
         await self._server.start()
-        log.info("hub listening on %s:%d", self.settings.host, self.port)
+        if self.settings.metrics_port:
+            metrics.QUEUED_EVENTS.set_function(self.fanout.queued)
+            self.metrics_port = metrics.serve_metrics(self.settings.host,
+                                                      self.settings.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
+        s = self.settings
+        log.info("hub listening on %s:%d (%s, %s)", s.host, self.port,
+                 "mTLS" if s.tls_client_ca else "TLS" if s.tls_cert else "plaintext",
+                 "JWT auth" if s.auth_enabled else "no auth")
+        if not s.auth_enabled and not s.loopback:
+            log.warning("--insecure: serving %s without authentication", s.host)
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -196,6 +226,18 @@ async def serve(settings: Settings) -> None:
         graceful.cancel()
     immediate.cancel()
     log.info("hub stopped")
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS from PEM files; with a client CA, client certificates are required (mTLS)."""
+    if not settings.tls_cert:
+        return None
+    key = Path(settings.tls_key).read_bytes()
+    chain = Path(settings.tls_cert).read_bytes()
+    ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=ca, require_client_auth=ca is not None
+    )
 
 
 def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: object) -> None:

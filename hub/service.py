@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -16,6 +17,7 @@ from hub.api.user.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
 from hub.domain import NewUser
 from hub.live import LiveStreams
 from hub.ops import UserOps
+from hub.principal import caller
 from hub.settings import Settings
 from hub.status import code_of, to_status
 from hub.validation import (
@@ -31,7 +33,6 @@ Resp = TypeVar("Resp")
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
 # A partial bulk batch is written once it is this old, so a slow producer's rows still show up
 # to subscribers promptly instead of waiting for the batch to fill.
 _BULK_FLUSH_AFTER = 0.05
@@ -113,9 +114,10 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         self, request: user_service_pb2.ListUsersRequest, context: Context
     ) -> AsyncIterator[common_pb2.User]:
         size = request.page_size or DEFAULT_PAGE_SIZE
+        most = self._settings.max_page_size
         check(
-            errors.FieldViolation("page_size", f"must be 0 (default) to {MAX_PAGE_SIZE}")
-            if not 0 <= request.page_size <= MAX_PAGE_SIZE else None,
+            errors.FieldViolation("page_size", f"must be 0 (the default, 100) to {most}")
+            if not 0 <= request.page_size <= most else None,
             user_id_violation(request.page_token, "page_token") if request.page_token else None,
         )
         # Positioned just before the listing: subscribing with it delivers every change made
@@ -167,15 +169,23 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
                     size += len(result.user.id) + 2
             batch.clear()
 
+        principal = caller()
         index = -1
         async for request in request_iterator:
             index += 1
+            if index >= self._settings.bulk_max_rows or time.time() >= principal.expires_at:
+                await flush()
+                refuse(index, errors.TooManyRows(index, self._settings.bulk_max_rows)
+                       if index >= self._settings.bulk_max_rows
+                       else errors.Unauthenticated("token expired; the rest were not read"))
+                break
             if size + (len(batch) + 1) * _ROW_RESERVE > budget:
                 await flush()
                 if size + _ROW_RESERVE > budget:
                     # Stop reading: this row and the rest were not processed.
                     refuse(index, errors.TooManyRows(index))
                     break
+            await self._wait_for_tokens()
             try:
                 batch.append((index, await self._ops.new_user(request)))
             except errors.HubError as exc:
@@ -189,6 +199,16 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
             await flush()
         response.created_count = len(response.user_ids)
         return response
+
+    async def _wait_for_tokens(self) -> None:
+        """A bulk stream is slowed to the caller's write rate rather than refused: the
+        client-stream's flow control pushes back on the producer."""
+        while True:
+            try:
+                self._ops.charge()
+                return
+            except errors.RateLimited as exc:
+                await asyncio.sleep(exc.retry_after)
 
     async def UserUpdates(  # type: ignore[override]
         self,

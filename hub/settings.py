@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-_PARSERS: dict[str, Callable[[Any], Any]] = {"str": str, "int": int, "float": float}
+
+def parse_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{raw!r} is not a boolean")
+
+
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "str": str, "int": int, "float": float, "bool": parse_bool,
+}
 
 
 def _setting(default: Any, help: str) -> Any:
@@ -44,18 +59,72 @@ class Settings:
     subscriber_max_bytes: int = _setting(
         8 * 1024 * 1024, "unsent bytes a subscriber may fall behind by before it is cut")
     max_subscription_users: int = _setting(10_000, "user ids one Subscribe may name")
+    max_subscribes_per_stream: int = _setting(
+        100, "Subscribe requests one UserUpdates/Sync stream may send")
+    max_page_size: int = _setting(1000, "largest ListUsers page_size")
+    bulk_max_rows: int = _setting(100_000, "rows one BulkCreateUsers stream may send")
+    max_concurrent_streams: int = _setting(100, "concurrent RPCs on one HTTP/2 connection")
+    max_connection_age: float = _setting(
+        1800.0, "seconds before a connection is asked to reconnect (so long streams rebalance"
+        " across instances; SyncFeed resumes seamlessly)")
+    max_connection_age_grace: float = _setting(
+        30.0, "seconds calls get to finish after max_connection_age")
+    write_rate: float = _setting(
+        1000.0, "writes per second per principal (a bulk row counts as one; 0: unlimited)")
+    write_burst: int = _setting(5000, "writes a principal may make at once above write_rate")
+    jwt_secret: str = _setting("", "HMAC secret for HS256 bearer tokens (enables auth)")
+    jwt_public_key: str = _setting(
+        "", "PEM public key file for RS256/ES256 bearer tokens (enables auth)")
+    jwt_algorithms: str = _setting(
+        "", "accepted JWT algorithms, comma-separated (default HS256 with a secret,"
+        " RS256,ES256 with a public key); never taken from the token")
+    jwt_audience: str = _setting("", "required aud claim (empty: not checked)")
+    jwt_issuer: str = _setting("", "required iss claim (empty: not checked)")
+    public_methods: str = _setting(
+        "/user.v1.UserService/CreateUser", "comma-separated methods callable without a token")
+    reflection: bool = _setting(True, "serve gRPC server reflection")
+    insecure: bool = _setting(
+        False, "allow binding a non-loopback address without authentication")
+    tls_cert: str = _setting("", "PEM certificate chain file (enables TLS)")
+    tls_key: str = _setting("", "PEM private key file for --tls-cert")
+    tls_client_ca: str = _setting(
+        "", "PEM CA file: require client certificates signed by it (mTLS)")
+    metrics_port: int = _setting(0, "port of the Prometheus /metrics endpoint (0: off)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is not 0..65535")
         positive = ("partitions", "history_size", "history_max_age", "max_message_bytes",
                     "password_hash_concurrency", "bulk_batch_size", "heartbeat_interval",
-                    "subscriber_max_events", "subscriber_max_bytes", "max_subscription_users")
+                    "subscriber_max_events", "subscriber_max_bytes", "max_subscription_users",
+                    "max_subscribes_per_stream", "max_page_size", "bulk_max_rows",
+                    "max_concurrent_streams", "max_connection_age", "write_burst")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
-        if self.shutdown_grace < 0:
-            raise ValueError("shutdown_grace must not be negative")
+        if self.shutdown_grace < 0 or self.write_rate < 0:
+            raise ValueError("shutdown_grace and write_rate must not be negative")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        if not self.auth_enabled and not self.loopback and not self.insecure:
+            raise ValueError(
+                f"refusing to serve {self.host} without authentication: configure"
+                " --jwt-secret or --jwt-public-key, or pass --insecure")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.jwt_secret or self.jwt_public_key)
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
     @classmethod
     def load(cls, overrides: Mapping[str, Any] | None = None,

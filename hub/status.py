@@ -6,10 +6,11 @@ Unknown exceptions become INTERNAL with a generic message: their text may hold i
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -29,6 +30,10 @@ _CODES: dict[type[errors.HubError], grpc.StatusCode] = {
     errors.TooManyRows: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.SlowConsumer: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.ContinuityLost: grpc.StatusCode.OUT_OF_RANGE,
+    errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
@@ -83,6 +88,14 @@ def _detail(exc: errors.HubError) -> Any:
             reason="SLOW_CONSUMER", domain=ERROR_DOMAIN,
             metadata={"resume_token": exc.resume_token, "limit": exc.limit},
         )
+    if isinstance(exc, errors.RateLimited):
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(timedelta(seconds=exc.retry_after))
+        return error_details_pb2.RetryInfo(retry_delay=delay)
+    if isinstance(exc, errors.LimitExceeded):
+        return error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(subject=exc.field, description=str(exc))
+        ])
     if isinstance(exc, errors.NotFound):
         return error_details_pb2.ResourceInfo(
             resource_type="user.v1.User", resource_name=exc.user_id, description=str(exc)

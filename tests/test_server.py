@@ -113,12 +113,20 @@ def test_process_with_redis_says_so(
 
 
 def test_settings_flags_win_over_environment() -> None:
-    env = {"HUB_PORT": "7000", "HUB_HOST": "0.0.0.0", "HUB_REDIS_URL": "redis://r:1/0"}
+    env = {"HUB_PORT": "7000", "HUB_HOST": "0.0.0.0", "HUB_REDIS_URL": "redis://r:1/0",
+           "HUB_INSECURE": "true"}
     s = Settings.load({"port": 7001, "host": None}, environ=env)
-    assert (s.port, s.host, s.redis_url) == (7001, "0.0.0.0", "redis://r:1/0")
+    assert (s.port, s.host, s.redis_url, s.insecure) == (7001, "0.0.0.0", "redis://r:1/0", True)
     assert Settings.load(environ={}).redis_url == ""
     with pytest.raises(ValueError, match="HUB_PORT"):
         Settings.load(environ={"HUB_PORT": "many"})
+
+
+def test_open_non_loopback_bind_needs_auth_or_insecure() -> None:
+    with pytest.raises(ValueError, match="without authentication"):
+        Settings.load(environ={"HUB_HOST": "0.0.0.0"})
+    assert Settings.load(environ={"HUB_HOST": "0.0.0.0", "HUB_JWT_SECRET": "s"}).auth_enabled
+    assert Settings.load(environ={"HUB_HOST": "::1"}).loopback
 
 
 def test_busy_port_is_an_error(hub_process: Callable[..., HubProcess]) -> None:

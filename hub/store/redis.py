@@ -24,6 +24,7 @@ import msgpack
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
+from hub import metrics
 from hub.domain import (
     Event,
     EventType,
@@ -87,12 +88,13 @@ def _unavailable() -> Iterator[None]:
     """Redis connection trouble becomes StoreUnavailable, the one error callers handle."""
     try:
         yield
-    except redis_errors.TimeoutError as exc:
-        raise StoreUnavailable("the user store did not answer in time") from exc
-    except (redis_errors.ConnectionError, OSError) as exc:
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        metrics.STORE_ERRORS.inc()
+        if isinstance(exc, redis_errors.TimeoutError):
+            raise StoreUnavailable("the user store did not answer in time") from exc
+        if isinstance(exc, redis_errors.BusyLoadingError):
+            raise StoreUnavailable("the user store is loading its data") from exc
         raise StoreUnavailable() from exc
-    except redis_errors.BusyLoadingError as exc:
-        raise StoreUnavailable("the user store is loading its data") from exc
 
 
 class RedisStore:

@@ -1,0 +1,34 @@
+"""Who is calling: set per RPC by the auth interceptor, read by the code that enforces scopes,
+rate limits and token expiry. Plain values: no gRPC here."""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+
+from hub.errors import PermissionDenied
+
+READ, WRITE, SUBSCRIBE = "users:read", "users:write", "users:subscribe"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    subject: str
+    scopes: frozenset[str]
+    expires_at: float  # epoch seconds; inf for a call on a public method without a token
+
+    def require(self, scope: str) -> None:
+        if scope not in self.scopes:
+            raise PermissionDenied(f"{self.subject} lacks scope {scope}")
+
+
+ANONYMOUS = Principal("anonymous", frozenset({READ, WRITE, SUBSCRIBE}), float("inf"))
+
+# None outside an RPC; ANONYMOUS-like principals when auth is off (every scope).
+current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "current_principal", default=None
+)
+
+
+def caller() -> Principal:
+    return current_principal.get() or ANONYMOUS
