@@ -13,7 +13,6 @@ import asyncio
 import csv
 import getpass
 import json
-import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -23,6 +22,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from hub.logs import configure as configure_logging
 from hub.settings import Settings
 
 _STATUSES = {"active": 1, "inactive": 2}
@@ -170,10 +170,7 @@ def _serve(args: argparse.Namespace) -> int:
     from hub.server import serve
 
     settings = Settings.load({f.name: getattr(args, f.name) for f in fields(Settings)})
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
     return 0
 

@@ -51,6 +51,7 @@ class Settings:
     bulk_batch_size: int = _setting(
         500, "BulkCreateUsers rows written per atomic store call")
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = _setting("text", "text, or json for one JSON object per line")
     heartbeat_interval: float = _setting(
         15.0, "seconds between heartbeat responses on an idle Sync stream")
     subscriber_max_events: int = _setting(
@@ -102,6 +103,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
         if self.shutdown_grace < 0 or self.write_rate < 0:
             raise ValueError("shutdown_grace and write_rate must not be negative")
         if bool(self.tls_cert) != bool(self.tls_key):

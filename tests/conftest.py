@@ -56,6 +56,8 @@ class RedisProcess:
     dir: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    # Durable: every write is fsynced to an append-only file before Redis answers it.
+    persistent: bool = False
 
     @property
     def url(self) -> str:
@@ -66,7 +68,9 @@ class RedisProcess:
             pytest.fail("redis-server not on PATH: install Redis 7 (apt-get install redis-server)")
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir)],
+             "--dir", str(self.dir),
+             *(["--appendonly", "yes", "--appendfsync", "always"] if self.persistent
+               else ["--appendonly", "no"])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         client = redis.Redis(port=self.port)

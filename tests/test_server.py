@@ -142,3 +142,40 @@ def test_busy_port_is_an_error(hub_process: Callable[..., HubProcess]) -> None:
     )
     assert result.returncode != 0
     assert time.monotonic() - started < 30
+
+
+async def test_redis_restart_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """Redis stops mid-test (SIGKILL): writes fail UNAVAILABLE meanwhile, and after it
+    restarts every write hub acknowledged is there, and the feed goes on."""
+    redis_proc = RedisProcess(tmp_path, persistent=True)
+    redis_proc.start()
+    store = RedisStore.from_url(redis_proc.url)
+    acknowledged: list[str] = []
+    try:
+        async with HubServer(Settings(port=0), store=store) as hub, \
+                grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}") as channel:
+            stub = UserServiceStub(channel)
+            for i in range(50):
+                user = await stub.CreateUser(pb.CreateUserRequest(email=f"k{i}@example.com"),
+                                             timeout=5)
+                acknowledged.append(user.id)
+            redis_proc.stop()
+            refused = 0
+            for i in range(5):
+                try:
+                    user = await stub.CreateUser(
+                        pb.CreateUserRequest(email=f"down{i}@example.com"), timeout=5)
+                    acknowledged.append(user.id)
+                except grpc.aio.AioRpcError as err:
+                    assert err.code() == grpc.StatusCode.UNAVAILABLE
+                    refused += 1
+            assert refused == 5
+            redis_proc.start()
+            await wait_health(channel, SERVING)
+            user = await stub.CreateUser(pb.CreateUserRequest(email="after@example.com"),
+                                         timeout=5)
+            acknowledged.append(user.id)
+            listed = [u.id async for u in stub.ListUsers(pb.ListUsersRequest(), timeout=10)]
+            assert listed == acknowledged
+    finally:
+        redis_proc.stop()
