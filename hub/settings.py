@@ -71,8 +71,8 @@ class Settings:
     max_connection_age_grace: float = _setting(
         30.0, "seconds calls get to finish after max_connection_age")
     write_rate: float = _setting(
-        1000.0, "writes per second per principal (a bulk row counts as one; 0: unlimited)")
-    write_burst: int = _setting(5000, "writes a principal may make at once above write_rate")
+        20_000.0, "writes per second per principal (a bulk row counts as one; 0: unlimited)")
+    write_burst: int = _setting(20_000, "writes a principal may make at once above write_rate")
     jwt_secret: str = _setting("", "HMAC secret for HS256 bearer tokens (enables auth)")
     jwt_public_key: str = _setting(
         "", "PEM public key file for RS256/ES256 bearer tokens (enables auth)")
