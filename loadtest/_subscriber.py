@@ -48,6 +48,7 @@ from google.protobuf import field_mask_pb2
 from hub.api.user.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
 from hub.api.user.v1 import user_sync_service_pb2 as sync_pb
 from hub.api.user.v1 import user_sync_service_pb2_grpc as sync_grpc
+from hub.wire import varint
 
 RAW_METHOD = "/loadtest.Raw/Stream"
 RESUME_TOKEN_KEY = "hub-resume-token"
@@ -444,7 +445,7 @@ def _raw_handler(message: bytes) -> Callable[[bytes, Any], Awaitable[None]]:
 async def _run_raw_server(args: argparse.Namespace) -> None:
     commands = await _stdin()
     event = base64.b64decode(args.event)
-    item = b"\x0a" + _varint(len(event)) + event  # SyncResponse.events, field 1
+    item = b"\x0a" + varint(len(event)) + event  # SyncResponse.events, field 1
     message = item * args.batch + sync_pb.SyncResponse(resume_token=args.token) \
         .SerializeToString()
     sync_pb.SyncResponse.FromString(message)  # the clients must be able to parse it
@@ -467,15 +468,6 @@ async def _run_raw_server(args: argparse.Namespace) -> None:
             pass
     finally:
         await server.stop(0)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def main(argv: list[str] | None = None) -> int:
