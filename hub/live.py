@@ -74,6 +74,10 @@ class LiveStreams:
             raise
         except* Exception as group:
             error = group.exceptions[0]
+        if error is not None and context.done():
+            # The client went away (cancelled) while a write was pending: nobody to tell.
+            log.debug("stream ended by its client: %r", error)
+            return
         if error is not None:
             token = stream.token if stream else ""
             extra = ((RESUME_TOKEN_KEY, token),) if token else ()

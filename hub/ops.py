@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from hub import errors
 from hub.api.user.v1 import user_service_pb2
 from hub.domain import Event, NewUser, UserPatch, UserStatus
@@ -89,7 +91,11 @@ class UserOps:
     async def apply(self, change: user_service_pb2.UserChange) -> Event:
         """A change sent on a stream, applied exactly like the unary RPC of its kind (and
         needing the users:write scope, as those do)."""
-        caller().require(WRITE)
+        principal = caller()
+        principal.require(WRITE)
+        # A stream outlives its token's checks at the door: each change checks it again.
+        if time.time() >= principal.expires_at:
+            raise errors.Unauthenticated("token expired")
         kind = change.WhichOneof("change")
         if kind == "create":
             return await self.create(change.create)
