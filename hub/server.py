@@ -37,7 +37,7 @@ from hub.settings import Settings
 from hub.store.base import Store
 from hub.store.memory import MemoryStore
 from hub.store.redis import RedisStore
-from hub.wire import encode_event
+from hub.wire import encode_event, guard_undecodable, parser
 
 log = logging.getLogger(__name__)
 
@@ -245,15 +245,17 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: o
 
     Unlike the generated add_*_to_server, the response serializer passes `bytes` through, so a
     handler can send a message it assembled from pre-encoded parts (one encoding per event,
-    not one per subscriber).
+    not one per subscriber); and bytes that do not parse as the request message become
+    INVALID_ARGUMENT rather than gRPC's UNKNOWN (see hub.wire.Undecodable).
     """
     handlers = {}
     for method in service.methods:
         kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         request = message_factory.GetMessageClass(method.input_type)
         handlers[method.name] = kind(
-            getattr(servicer, method.name),
-            request_deserializer=request.FromString,
+            guard_undecodable(getattr(servicer, method.name), method.client_streaming,
+                              method.server_streaming),
+            request_deserializer=parser(request),
             response_serializer=_serialize,
         )
     server.add_generic_rpc_handlers(

@@ -24,7 +24,7 @@ from hub.validation import (
     check,
     user_id_violation,
 )
-from hub.wire import RESUME_TOKEN_KEY, user_to_pb
+from hub.wire import RESUME_TOKEN_KEY, Undecodable, user_to_pb
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,8 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
                     break
             await self._wait_for_tokens()
             try:
+                if isinstance(request, Undecodable):
+                    raise request.error
                 batch.append((index, await self._ops.new_user(request)))
             except errors.HubError as exc:
                 refuse(index, exc)

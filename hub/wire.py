@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from typing import Any
+
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import DecodeError
 
 from hub.api.user.v1 import common_pb2, user_sync_service_pb2
 from hub.domain import Event, EventType, User
+from hub.errors import InvalidArgument
 from hub.fanout import Encoded
+from hub.status import to_status
 
 # Trailing-metadata key of the resume token (ListUsers, and RESOURCE_EXHAUSTED endings).
 RESUME_TOKEN_KEY = "hub-resume-token"
@@ -79,3 +86,63 @@ def sync_response(
         parts += (_SYNC_RESPONSE_EVENTS, varint(len(item.event)), item.event)
     parts.append(tail.SerializeToString())
     return b"".join(parts)
+
+
+class Undecodable:
+    """Stands in for request bytes that are not the method's message: gRPC would turn the
+    parse error into UNKNOWN, a server fault, when it is the caller's (INVALID_ARGUMENT)."""
+
+    def __init__(self, message: str) -> None:
+        self.error = InvalidArgument.of("request", f"not a valid {message} message")
+
+
+def parser(cls: Any) -> Callable[[bytes], Any]:
+    name = cls.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except DecodeError:
+            return Undecodable(name)
+
+    return parse
+
+
+async def _checked(requests: AsyncIterable[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, Undecodable):
+            raise request.error
+        yield request
+
+
+def guard_undecodable(behaviour: Any, request_streaming: bool, response_streaming: bool) -> Any:
+    """Wraps a handler so an Undecodable request ends the call with INVALID_ARGUMENT.
+
+    Client-streaming unary handlers (BulkCreateUsers) see Undecodable rows themselves and
+    report them per row; bidirectional ones get them raised from their request iterator.
+    """
+    if request_streaming:
+        if not response_streaming:
+            return behaviour  # it reports Undecodable rows itself
+
+        async def bidi(requests: AsyncIterable[Any], context: Any) -> Any:
+            # hub's bidi handlers are coroutines writing with context.write
+            return await behaviour(_checked(requests), context)
+
+        return bidi
+
+    if inspect.isasyncgenfunction(behaviour):
+        async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            if isinstance(request, Undecodable):
+                await context.abort_with_status(to_status(request.error))
+            async for item in behaviour(request, context):
+                yield item
+
+        return stream
+
+    async def unary(request: Any, context: Any) -> Any:
+        if isinstance(request, Undecodable):
+            await context.abort_with_status(to_status(request.error))
+        return await behaviour(request, context)
+
+    return unary
