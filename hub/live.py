@@ -39,6 +39,22 @@ log = logging.getLogger(__name__)
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 _SNAPSHOT_PAGE = 500
+# Room left in a response for its token, change results and framing.
+_RESPONSE_HEADROOM = 64 * 1024
+
+
+def _chunks(items: list[Encoded], budget: int) -> list[list[Encoded]]:
+    """Items split into runs whose encoded size stays within `budget` (at least one each)."""
+    chunks: list[list[Encoded]] = [[]]
+    size = 0
+    for item in items:
+        cost = len(item.event) + 6  # tag and length prefix
+        if chunks[-1] and size + cost > budget:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += cost
+    return chunks
 
 
 class LiveStreams:
@@ -207,8 +223,15 @@ class _Stream:
         self._last_write = time.monotonic()
         metrics.EVENTS_DELIVERED.inc(len(items))
         if self._batched:
+            # A backlog can exceed the message size limit: it goes out in several responses.
+            # All but the last keep the previous token (they are not yet past the whole
+            # backlog): a cut between them repeats events on resume, never skips one.
+            chunks = _chunks(items, self._live.settings.max_message_bytes - _RESPONSE_HEADROOM)
+            for chunk in chunks[:-1]:
+                await self._context.write(sync_response(
+                    chunk, user_sync_service_pb2.SyncResponse(resume_token=self.token)))
             self.token = tail.resume_token
-            await self._context.write(sync_response(items, tail))
+            await self._context.write(sync_response(chunks[-1], tail))
             return
         # UserUpdates sends one message per event, so a cut can fall between them: the token
         # moves only once all are handed over (a resume may repeat some; versions tell).

@@ -39,7 +39,14 @@ RATE_LIMITED = Counter("hub_rate_limited", "Writes refused by the per-principal 
                        registry=REGISTRY)
 
 
-def serve_metrics(host: str, port: int) -> int:
-    """Starts the /metrics HTTP endpoint in a daemon thread; returns the bound port."""
-    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
-    return int(server.server_address[1])
+class MetricsServer:
+    """The /metrics HTTP endpoint, served from a daemon thread until `close()`."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._server, self._thread = start_http_server(port, addr=host, registry=REGISTRY)
+        self.port = int(self._server.server_address[1])
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

@@ -115,6 +115,7 @@ class HubServer:
                 self._server,
             )
         self.metrics_port = 0
+        self._metrics: metrics.MetricsServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> int:
@@ -135,8 +136,8 @@ class HubServer:
         await self._server.start()
         if self.settings.metrics_port:
             metrics.QUEUED_EVENTS.set_function(self.fanout.queued)
-            self.metrics_port = metrics.serve_metrics(self.settings.host,
-                                                      self.settings.metrics_port)
+            self._metrics = metrics.MetricsServer(self.settings.host, self.settings.metrics_port)
+            self.metrics_port = self._metrics.port
             log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
         s = self.settings
         log.info("hub listening on %s:%d (%s, %s)", s.host, self.port,
@@ -156,6 +157,9 @@ class HubServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.store.aclose()
+        if self._metrics is not None:
+            await asyncio.to_thread(self._metrics.close)
+            self._metrics = None
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
@@ -170,11 +174,17 @@ class HubServer:
         await self.stop(grace=0 if et is not None else None)
 
     async def _store_ok(self) -> bool:
+        return await self._store_problem() is None
+
+    async def _store_problem(self) -> str | None:
+        """Why the store cannot serve now, or None when it answers."""
         try:
             await asyncio.wait_for(self.store.ping(), timeout=2)
-        except (StoreUnavailable, TimeoutError):
-            return False
-        return True
+        except StoreUnavailable as exc:
+            return str(exc)
+        except TimeoutError:
+            return "the user store did not answer in time"
+        return None
 
     async def _set_ready(self, ok: bool, live: bool = False) -> None:
         for name, serving in (("", ok), (USER_SERVICE, ok), (SYNC_SERVICE, ok and live)):
@@ -185,9 +195,13 @@ class HubServer:
         """Readiness: the store answers (and, for the live feeds, the event bus is up)."""
         ready = True
         while True:
-            ok = await self._store_ok()
+            problem = await self._store_problem()
+            ok = problem is None
             if ok != ready:
-                log.warning("store %s", "reachable again" if ok else "unreachable: NOT_SERVING")
+                if ok:
+                    log.warning("store reachable again: SERVING")
+                else:
+                    log.warning("store unreachable (%s): NOT_SERVING", problem)
                 ready = ok
             await self._set_ready(ok, self.fanout.connected)
             await asyncio.sleep(_HEALTH_INTERVAL)

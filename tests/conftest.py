@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +27,13 @@ from hub.store.memory import MemoryStore
 from hub.store.redis import RedisStore
 
 REDIS_SERVER = shutil.which("redis-server")
+
+
+def die_with_parent() -> None:
+    """Runs in a child before exec: if the test run dies, its servers die too, instead of
+    lingering and talking to a later run's Redis on a reused port."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +80,7 @@ class RedisProcess:
              "--dir", str(self.dir),
              *(["--appendonly", "yes", "--appendfsync", "always"] if self.persistent
                else ["--appendonly", "no"])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
         )
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + 10
@@ -164,7 +173,8 @@ def hub_process(tmp_path: Path) -> Iterator[Callable[..., HubProcess]]:
         environ = {**os.environ, "HUB_PORT": str(port), "HUB_REDIS_URL": redis_url, **env}
         with log.open("wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", "hub", "serve"], env=environ,
-                                    stdout=out, stderr=subprocess.STDOUT)
+                                    stdout=out, stderr=subprocess.STDOUT,
+                                    preexec_fn=die_with_parent)
         hub = HubProcess(port, proc, log)
         started.append(hub)
         _wait_serving(hub)

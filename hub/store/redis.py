@@ -90,6 +90,10 @@ def _unavailable() -> Iterator[None]:
         yield
     except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
         metrics.STORE_ERRORS.inc()
+        if isinstance(exc, redis_errors.AuthenticationError):
+            raise StoreUnavailable(
+                "the user store refused hub's credentials (check the Redis URL's user and"
+                " password)") from exc
         if isinstance(exc, redis_errors.TimeoutError):
             raise StoreUnavailable("the user store did not answer in time") from exc
         if isinstance(exc, redis_errors.BusyLoadingError):
