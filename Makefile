@@ -30,10 +30,8 @@ test: $(STAMP) node_modules/.bin/buf
 	$(BIN)/mypy
 	@command -v redis-server >/dev/null || { echo "redis-server not found: the tests start \
 	their own Redis. Install it (Debian/Ubuntu: apt-get install redis-server) or put it on PATH."; exit 1; }
-	# Two runs: the multi-process live tests (hub subprocesses, kills, Redis faults) apart
-	# from the in-process ones, so one's grpc.aio leftovers never reach the other's loop.
-	$(BIN)/pytest --cov --cov-report= --ignore=tests/test_live.py $(PYTEST_ARGS)
-	$(BIN)/pytest --cov --cov-append --cov-report=term tests/test_live.py $(PYTEST_ARGS)
+	# One pytest process per test module (see the script), then one summary line.
+	$(BIN)/python scripts/run_tests.py $(PYTEST_ARGS)
 
 ## Regenerate hub/api from protos/.
 proto: $(STAMP)

@@ -137,7 +137,9 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
 @pytest.fixture
 async def hub(store: Store) -> AsyncIterator[HubServer]:
     """A hub server (in this process, port 0) on the parametrized store."""
-    async with HubServer(Settings(port=0, bulk_batch_size=50), store=store) as server:
+    # Short heartbeats: a test reads the first one to know its subscription is live.
+    settings = Settings(port=0, bulk_batch_size=50, heartbeat_interval=0.2)
+    async with HubServer(settings, store=store) as server:
         yield server
 
 

@@ -34,6 +34,7 @@ async def test_resume_gives_exactly_the_missed_events(hub: HubServer) -> None:
         users, sync = UserServiceStub(channel), UserSyncServiceStub(channel)
         call = sync.Sync(timeout=30)
         await call.write(spb.SyncRequest(subscribe=common_pb2.Subscribe()))
+        await call.read()  # a heartbeat: the subscription is live, no write can slip past it
         await users.CreateUser(pb.CreateUserRequest(email="a@example.com"), timeout=5)
         got, token = await next_events(call, 1)
         assert got == ["a@example.com"]
@@ -60,6 +61,7 @@ async def test_unsubscribe_stops_events(hub: HubServer) -> None:
         await call.write(spb.SyncRequest(subscribe=common_pb2.Subscribe(user_ids=[a.id, b.id])))
         await call.write(spb.SyncRequest(unsubscribe=common_pb2.Unsubscribe(user_ids=[a.id])))
         await anyio.sleep(0.2)
+        await call.read()  # a heartbeat after both requests were acted on
         for user in (a, b):
             await users.DeleteUser(pb.DeleteUserRequest(user_id=user.id), timeout=5)
         got, _ = await next_events(call, 1)
