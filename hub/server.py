@@ -187,7 +187,10 @@ class HubServer:
         return None
 
     async def _set_ready(self, ok: bool, live: bool = False) -> None:
-        for name, serving in (("", ok), (USER_SERVICE, ok), (SYNC_SERVICE, ok and live)):
+        # "" is liveness: the process is up and answering, whatever Redis does (a liveness
+        # probe must not restart hub for an outage a restart cannot fix). The services say
+        # whether they can do their work: readiness.
+        for name, serving in (("", True), (USER_SERVICE, ok), (SYNC_SERVICE, ok and live)):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING if serving
                                   else health_pb2.HealthCheckResponse.NOT_SERVING)
 

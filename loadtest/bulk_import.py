@@ -237,7 +237,8 @@ async def _wait_serving(channel: grpc.aio.Channel, proc: subprocess.Popen[bytes]
         if proc.poll() is not None:
             raise BenchError(f"hub exited with code {proc.returncode} while starting")
         try:
-            reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+            reply = await health.Check(
+                health_pb2.HealthCheckRequest(service="user.v1.UserSyncService"), timeout=1)
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
                 return
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

@@ -199,7 +199,9 @@ def _wait_serving(hub: HubProcess, timeout: float = 20) -> None:
             if hub.proc.poll() is not None:
                 raise RuntimeError(f"hub exited early:\n{hub.output()}")
             try:
-                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                # Readiness of the live feed: store reachable and event bus connected.
+                reply = health.Check(
+                    health_pb2.HealthCheckRequest(service="user.v1.UserSyncService"), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
-from hub.server import USER_SERVICE, HubServer
+from hub.server import SYNC_SERVICE, USER_SERVICE, HubServer
 from hub.settings import Settings
 from hub.store.redis import RedisStore
 from tests.conftest import HubProcess, RedisProcess
@@ -51,7 +51,8 @@ async def test_readiness_follows_redis_and_writes_fail_unavailable(tmp_path: Pat
 
             redis_proc.stop()
             await wait_health(channel, NOT_SERVING)
-            assert await health_of(channel, "") == NOT_SERVING
+            assert await health_of(channel, "") == SERVING  # liveness: the process is fine
+            assert await health_of(channel, SYNC_SERVICE) == NOT_SERVING
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.CreateUser(pb.CreateUserRequest(email="during@example.com"),
                                       timeout=5)

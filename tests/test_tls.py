@@ -343,7 +343,7 @@ async def test_hub_on_redis_with_a_wrong_password_is_not_serving_and_unavailable
     async with HubServer(settings) as hub, \
             grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}") as channel:
         health = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=5)
+            health_pb2.HealthCheckRequest(service="user.v1.UserService"), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await UserServiceStub(channel).CreateUser(
