@@ -17,6 +17,7 @@ class RateLimiter:
 
     def __init__(self, rate: float, burst: int, max_principals: int = 100_000) -> None:
         self._rate, self._burst, self._max = rate, float(burst), max_principals
+        self.burst = burst
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
     def take(self, principal: str, cost: float = 1.0) -> None:

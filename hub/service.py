@@ -155,6 +155,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         async def flush() -> None:
             nonlocal size
             rows = [new for _, new in batch]
+            await self._wait_for_tokens(len(rows))
             try:
                 results = await self._store.create_many(rows)
             except errors.StoreUnavailable as exc:
@@ -185,7 +186,6 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
                     # Stop reading: this row and the rest were not processed.
                     refuse(index, errors.TooManyRows(index))
                     break
-            await self._wait_for_tokens()
             try:
                 if isinstance(request, Undecodable):
                     raise request.error
@@ -202,12 +202,13 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         response.created_count = len(response.user_ids)
         return response
 
-    async def _wait_for_tokens(self) -> None:
+    async def _wait_for_tokens(self, rows: int) -> None:
         """A bulk stream is slowed to the caller's write rate rather than refused: the
-        client-stream's flow control pushes back on the producer."""
+        client-stream's flow control pushes back on the producer. Charged per batch."""
+        rows = min(rows, self._ops.limiter.burst)
         while True:
             try:
-                self._ops.charge()
+                self._ops.charge(rows)
                 return
             except errors.RateLimited as exc:
                 await asyncio.sleep(exc.retry_after)
