@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -371,12 +371,17 @@ def _rows(result: Result) -> Iterator[tuple[str, str]]:
     yield "machine", f"nproc {result.nproc}, {result.cpu}, Python {result.python}"
 
 
-def _print_table(result: Result, out: TextIO) -> None:
-    rows = list(_rows(result))
+def print_table(title: str, rows: Iterable[tuple[str, str]], out: TextIO) -> None:
+    """A title, then `label  value` rows with the labels aligned."""
+    rows = list(rows)
     width = max(len(label) for label, _ in rows)
-    print("BulkCreateUsers -> Redis (no passwords)", file=out)
+    print(title, file=out)
     for label, value in rows:
         print(f"  {label:<{width}}  {value}", file=out)
+
+
+def _print_table(result: Result, out: TextIO) -> None:
+    print_table("BulkCreateUsers -> Redis (no passwords)", _rows(result), out)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ from loadtest.bulk_import import (
     _stop,
     _tail,
     _wait_serving,
+    print_table,
 )
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -672,11 +673,8 @@ def _rows(r: Result) -> Iterator[tuple[str, str]]:
 
 
 def _print_table(result: Result, out: TextIO) -> None:
-    rows = list(_rows(result))
-    width = max(len(label) for label, _ in rows)
-    print("UserSyncService.Sync fan-out (2 hubs, 1 redis-server, all on this machine)", file=out)
-    for label, value in rows:
-        print(f"  {label:<{width}}  {value}", file=out)
+    print_table("UserSyncService.Sync fan-out (2 hubs, 1 redis-server, all on this machine)",
+                _rows(result), out)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_for_redis(
+    client: redis.Redis, proc: subprocess.Popen[bytes], on_exit: Callable[[], None] | None = None
+) -> None:
+    """Until `client` gets an answer; `on_exit` (default: fail) if the server dies first."""
+    deadline = time.monotonic() + 10
+    while True:
+        if proc.poll() is not None:
+            if on_exit is not None:
+                on_exit()
+            pytest.fail(f"redis-server exited with {proc.returncode}")
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 @dataclass
 class RedisProcess:
     """A redis-server of our own, so tests can flush, kill and restart it freely."""
@@ -82,17 +101,8 @@ class RedisProcess:
                else ["--appendonly", "no"])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
         )
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        client.close()
+        with redis.Redis(port=self.port) as client:
+            wait_for_redis(client, self.proc)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

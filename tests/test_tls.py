@@ -4,7 +4,6 @@ the Redis store over TLS (rediss://) and with an ACL user (redis://user:password
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from hub.server import HubServer
 from hub.settings import Settings
 from hub.store.memory import MemoryStore
 from hub.store.redis import RedisStore
-from tests.conftest import REDIS_SERVER, RedisProcess, free_port
+from tests.conftest import REDIS_SERVER, RedisProcess, free_port, wait_for_redis
 
 pytestmark = pytest.mark.anyio
 
@@ -224,23 +223,15 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Pki]]:
              "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
             stdout=out, stderr=subprocess.STDOUT,
         )
+    def exited() -> None:
+        output = log.read_text()
+        if "tls" in output.lower():
+            pytest.skip(f"redis-server was built without TLS support: {output[-300:]}")
+        pytest.fail(f"redis-server (TLS) exited:\n{output}")
+
     try:
-        client = redis.Redis(port=port, ssl=True, ssl_ca_certs=str(pki.ca_file))
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.poll() is not None:
-                output = log.read_text()
-                if "tls" in output.lower():
-                    pytest.skip(f"redis-server was built without TLS support: {output[-300:]}")
-                pytest.fail(f"redis-server (TLS) exited:\n{output}")
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        client.close()
+        with redis.Redis(port=port, ssl=True, ssl_ca_certs=str(pki.ca_file)) as client:
+            wait_for_redis(client, proc, exited)
         yield port, pki
     finally:
         proc.kill()
