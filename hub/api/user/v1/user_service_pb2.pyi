@@ -96,6 +96,28 @@ class ListUsersRequest(_message.Message):
 Global___ListUsersRequest: _TypeAlias = ListUsersRequest  # noqa: Y015
 
 @_typing.final
+class ImportUsersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def users(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreateUserRequest]:
+        """Any number of rows that fits the message size limit; a few hundred per message is plenty."""
+
+    def __init__(
+        self,
+        *,
+        users: _abc.Iterable[Global___CreateUserRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["users", b"users"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportUsersRequest: _TypeAlias = ImportUsersRequest  # noqa: Y015
+
+@_typing.final
 class BulkCreateResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -57,6 +57,11 @@ class UserServiceStub:
                 request_serializer=user_dot_v1_dot_user__service__pb2.CreateUserRequest.SerializeToString,
                 response_deserializer=user_dot_v1_dot_user__service__pb2.BulkCreateResponse.FromString,
                 _registered_method=True)
+        self.ImportUsers = channel.stream_unary(
+                '/user.v1.UserService/ImportUsers',
+                request_serializer=user_dot_v1_dot_user__service__pb2.ImportUsersRequest.SerializeToString,
+                response_deserializer=user_dot_v1_dot_user__service__pb2.BulkCreateResponse.FromString,
+                _registered_method=True)
         self.UserUpdates = channel.stream_stream(
                 '/user.v1.UserService/UserUpdates',
                 request_serializer=user_dot_v1_dot_user__service__pb2.UserUpdateRequest.SerializeToString,
@@ -104,6 +109,15 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportUsers(self, request_iterator, context):
+        """Client streaming for bulk producers: many creates per message, outcomes exactly as
+        BulkCreateUsers reports them (an error's index counts rows across the whole stream).
+        Python gRPC pays per message, so this carries several times BulkCreateUsers' rows/s.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UserUpdates(self, request_iterator, context):
         """Bidirectional: subscribe to changes (each User sent carries its version; a deleted user
         comes with deleted_at set) and send changes (a refused change ends the stream).
@@ -146,6 +160,11 @@ def add_UserServiceServicer_to_server(servicer, server):
             'BulkCreateUsers': grpc.stream_unary_rpc_method_handler(
                     servicer.BulkCreateUsers,
                     request_deserializer=user_dot_v1_dot_user__service__pb2.CreateUserRequest.FromString,
+                    response_serializer=user_dot_v1_dot_user__service__pb2.BulkCreateResponse.SerializeToString,
+            ),
+            'ImportUsers': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportUsers,
+                    request_deserializer=user_dot_v1_dot_user__service__pb2.ImportUsersRequest.FromString,
                     response_serializer=user_dot_v1_dot_user__service__pb2.BulkCreateResponse.SerializeToString,
             ),
             'UserUpdates': grpc.stream_stream_rpc_method_handler(
@@ -272,6 +291,33 @@ class UserService:
             target,
             '/user.v1.UserService/BulkCreateUsers',
             user_dot_v1_dot_user__service__pb2.CreateUserRequest.SerializeToString,
+            user_dot_v1_dot_user__service__pb2.BulkCreateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportUsers(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/user.v1.UserService/ImportUsers',
+            user_dot_v1_dot_user__service__pb2.ImportUsersRequest.SerializeToString,
             user_dot_v1_dot_user__service__pb2.BulkCreateResponse.FromString,
             options,
             channel_credentials,

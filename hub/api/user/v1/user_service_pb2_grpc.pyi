@@ -41,6 +41,11 @@ class UserServiceStub:
     """Server streaming: every user, in id (creation) order."""
     BulkCreateUsers: _grpc.StreamUnaryMultiCallable[_user_service_pb2.CreateUserRequest, _user_service_pb2.BulkCreateResponse]
     """Client streaming: one create per message; bad rows are reported, never fatal."""
+    ImportUsers: _grpc.StreamUnaryMultiCallable[_user_service_pb2.ImportUsersRequest, _user_service_pb2.BulkCreateResponse]
+    """Client streaming for bulk producers: many creates per message, outcomes exactly as
+    BulkCreateUsers reports them (an error's index counts rows across the whole stream).
+    Python gRPC pays per message, so this carries several times BulkCreateUsers' rows/s.
+    """
     UserUpdates: _grpc.StreamStreamMultiCallable[_user_service_pb2.UserUpdateRequest, _common_pb2.User]
     """Bidirectional: subscribe to changes (each User sent carries its version; a deleted user
     comes with deleted_at set) and send changes (a refused change ends the stream).
@@ -60,6 +65,11 @@ class UserServiceAsyncStub(UserServiceStub):
     """Server streaming: every user, in id (creation) order."""
     BulkCreateUsers: _aio.StreamUnaryMultiCallable[_user_service_pb2.CreateUserRequest, _user_service_pb2.BulkCreateResponse]  # type: ignore[assignment]
     """Client streaming: one create per message; bad rows are reported, never fatal."""
+    ImportUsers: _aio.StreamUnaryMultiCallable[_user_service_pb2.ImportUsersRequest, _user_service_pb2.BulkCreateResponse]  # type: ignore[assignment]
+    """Client streaming for bulk producers: many creates per message, outcomes exactly as
+    BulkCreateUsers reports them (an error's index counts rows across the whole stream).
+    Python gRPC pays per message, so this carries several times BulkCreateUsers' rows/s.
+    """
     UserUpdates: _aio.StreamStreamMultiCallable[_user_service_pb2.UserUpdateRequest, _common_pb2.User]  # type: ignore[assignment]
     """Bidirectional: subscribe to changes (each User sent carries its version; a deleted user
     comes with deleted_at set) and send changes (a refused change ends the stream).
@@ -100,6 +110,17 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.BulkCreateResponse, _abc.Awaitable[_user_service_pb2.BulkCreateResponse]]:
         """Client streaming: one create per message; bad rows are reported, never fatal."""
+
+    @_abc_1.abstractmethod
+    def ImportUsers(
+        self,
+        request_iterator: _MaybeAsyncIterator[_user_service_pb2.ImportUsersRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.BulkCreateResponse, _abc.Awaitable[_user_service_pb2.BulkCreateResponse]]:
+        """Client streaming for bulk producers: many creates per message, outcomes exactly as
+        BulkCreateUsers reports them (an error's index counts rows across the whole stream).
+        Python gRPC pays per message, so this carries several times BulkCreateUsers' rows/s.
+        """
 
     @_abc_1.abstractmethod
     def UserUpdates(
