@@ -33,6 +33,7 @@ METHOD_SCOPES: dict[str, str] = {
     "/user.v1.UserService/UpdateUser": WRITE,
     "/user.v1.UserService/DeleteUser": WRITE,
     "/user.v1.UserService/BulkCreateUsers": WRITE,
+    "/user.v1.UserService/ImportUsers": WRITE,
     "/user.v1.UserService/UserUpdates": SUBSCRIBE,
     "/user.v1.UserSyncService/Sync": SUBSCRIBE,
 }

@@ -54,6 +54,7 @@ from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
+    Awaitable,
     Iterable,
     Iterator,
     Sequence,
@@ -355,6 +356,35 @@ class _RequestTap:
             raise
 
 
+# Rows per ImportUsersRequest: large enough that gRPC's per-message cost vanishes, small
+# enough that a message stays far below the 4 MiB limit even with long fields.
+IMPORT_BATCH = 500
+
+
+def _messages(rows: Iterator[pb.CreateUserRequest], size: int) -> Iterator[pb.ImportUsersRequest]:
+    batch: list[pb.CreateUserRequest] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= size:
+            yield pb.ImportUsersRequest(users=batch)
+            batch = []
+    if batch:
+        yield pb.ImportUsersRequest(users=batch)
+
+
+async def _async_messages(
+    rows: AsyncIterator[pb.CreateUserRequest], size: int
+) -> AsyncIterator[pb.ImportUsersRequest]:
+    batch: list[pb.CreateUserRequest] = []
+    async for row in rows:
+        batch.append(row)
+        if len(batch) >= size:
+            yield pb.ImportUsersRequest(users=batch)
+            batch = []
+    if batch:
+        yield pb.ImportUsersRequest(users=batch)
+
+
 class UserClient:
     """Blocking client; one channel, shared by every call, closed by `close()` or `with`."""
 
@@ -479,6 +509,26 @@ class UserClient:
         try:
             return self.stub.BulkCreateUsers(
                 tap.rows(requests), timeout=_or_default(timeout, self.stream_timeout)
+            )
+        except grpc.RpcError as err:
+            if tap.error is not None:
+                raise tap.error from None
+            raise from_rpc_error(err) from err
+
+    def import_users(
+        self,
+        requests: Iterable[pb.CreateUserRequest],
+        *,
+        batch_size: int = IMPORT_BATCH,
+        timeout: float | None = None,
+    ) -> pb.BulkCreateResponse:
+        """bulk_create's rows and outcomes, sent `batch_size` rows per ImportUsers message:
+        several times faster, as gRPC pays per message, not per row."""
+        tap = _RequestTap()
+        try:
+            return self.stub.ImportUsers(
+                _messages(tap.rows(requests), batch_size),
+                timeout=_or_default(timeout, self.stream_timeout),
             )
         except grpc.RpcError as err:
             if tap.error is not None:
@@ -618,10 +668,31 @@ class AsyncUserClient:
         cancelled and that exception propagates; rows the server had already committed stay.
         """
         tap = _RequestTap()
+        return await self._client_stream(
+            tap, self.stub.BulkCreateUsers(
+                tap.async_rows(requests), timeout=_or_default(timeout, self.stream_timeout)))
+
+    async def import_users(
+        self,
+        requests: Iterable[pb.CreateUserRequest] | AsyncIterable[pb.CreateUserRequest],
+        *,
+        batch_size: int = IMPORT_BATCH,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> pb.BulkCreateResponse:
+        """bulk_create's rows and outcomes, sent `batch_size` rows per ImportUsers message:
+        several times faster, as gRPC pays per message, not per row."""
+        tap = _RequestTap()
+        return await self._client_stream(
+            tap, self.stub.ImportUsers(
+                _async_messages(tap.async_rows(requests), batch_size),
+                timeout=_or_default(timeout, self.stream_timeout)))
+
+    @staticmethod
+    async def _client_stream(
+        tap: _RequestTap, call: Awaitable[pb.BulkCreateResponse]
+    ) -> pb.BulkCreateResponse:
         try:
-            return await self.stub.BulkCreateUsers(
-                tap.async_rows(requests), timeout=_or_default(timeout, self.stream_timeout)
-            )
+            return await call
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from err
         except asyncio.CancelledError:

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -140,67 +140,30 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         request_iterator: AsyncIterable[user_service_pb2.CreateUserRequest],
         context: Context,
     ) -> user_service_pb2.BulkCreateResponse:
-        response = user_service_pb2.BulkCreateResponse()
-        batch: list[tuple[int, NewUser]] = []
-        started = time.monotonic()
-        # The response lists every row's outcome, so it must stay under the message limit:
-        # `size` is its encoded size so far and every pending row reserves its worst case.
-        budget = self._settings.max_message_bytes - _RESPONSE_HEADROOM
-        size = 0
-
-        def refuse(index: int, exc: errors.HubError) -> None:
-            nonlocal size
-            size += _row_error(response, index, exc).ByteSize() + 3
-
-        async def flush() -> None:
-            nonlocal size
-            rows = [new for _, new in batch]
-            await self._wait_for_tokens(len(rows))
-            try:
-                results = await self._store.create_many(rows)
-            except errors.StoreUnavailable as exc:
-                # Report every row of the failed batch: none is lost silently, and a retry of
-                # a row that did land is refused by the email index, never duplicated.
-                results = [exc] * len(rows)
-            for (index, _), result in zip(batch, results, strict=True):
-                if isinstance(result, errors.HubError):
-                    refuse(index, result)
-                else:
-                    response.user_ids.append(result.user.id)
-                    size += len(result.user.id) + 2
-            batch.clear()
-
-        principal = caller()
-        index = -1
+        bulk = _Bulk(self)
         async for request in request_iterator:
-            index += 1
-            if index >= self._settings.bulk_max_rows or time.time() >= principal.expires_at:
-                await flush()
-                refuse(index, errors.TooManyRows(index, self._settings.bulk_max_rows)
-                       if index >= self._settings.bulk_max_rows
-                       else errors.Unauthenticated("token expired; the rest were not read"))
+            if not await bulk.add(request):
                 break
-            if size + (len(batch) + 1) * _ROW_RESERVE > budget:
-                await flush()
-                if size + _ROW_RESERVE > budget:
-                    # Stop reading: this row and the rest were not processed.
-                    refuse(index, errors.TooManyRows(index))
-                    break
-            try:
-                if isinstance(request, Undecodable):
-                    raise request.error
-                batch.append((index, await self._ops.new_user(request)))
-            except errors.HubError as exc:
-                refuse(index, exc)
-            if len(batch) >= self._settings.bulk_batch_size or (
-                batch and time.monotonic() - started > _BULK_FLUSH_AFTER
-            ):
-                await flush()
-                started = time.monotonic()
-        if batch:
-            await flush()
-        response.created_count = len(response.user_ids)
-        return response
+        return await bulk.finish()
+
+    @_unary
+    async def ImportUsers(
+        self,
+        request_iterator: AsyncIterable[user_service_pb2.ImportUsersRequest],
+        context: Context,
+    ) -> user_service_pb2.BulkCreateResponse:
+        # BulkCreateUsers' rows, many per message: gRPC's per-message cost is paid per batch.
+        bulk = _Bulk(self)
+        async for request in request_iterator:
+            if isinstance(request, Undecodable):
+                # Its row count is unknown, so later rows' indexes would be too: stop here.
+                bulk.refuse(bulk.index + 1, errors.InvalidArgument.of(
+                    "users", "not a valid ImportUsersRequest message: its rows and the rest"
+                    " were not read"))
+                break
+            if not await bulk.add_many(request.users):
+                break
+        return await bulk.finish()
 
     async def _wait_for_tokens(self, rows: int) -> None:
         """A bulk stream is slowed to the caller's write rate rather than refused: the
@@ -219,6 +182,104 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         context: Context,
     ) -> None:
         await self._live.serve(request_iterator, context, batched=False)
+
+
+class _Bulk:
+    """One bulk stream's rows: validated, written in batches of bulk_batch_size, and their
+    outcomes collected into one BulkCreateResponse that stays under the message limit."""
+
+    def __init__(self, service: UserService) -> None:
+        self._ops, self._store = service._ops, service._store
+        self._wait_for_tokens = service._wait_for_tokens
+        settings = service._settings
+        self._max_rows, self._batch_size = settings.bulk_max_rows, settings.bulk_batch_size
+        self.response = user_service_pb2.BulkCreateResponse()
+        self.index = -1  # the last row read
+        self._batch: list[tuple[int, NewUser]] = []
+        self._started = time.monotonic()
+        self._expires_at = caller().expires_at
+        # The response lists every row's outcome, so it must stay under the message limit:
+        # `_size` is its encoded size so far and every pending row reserves its worst case.
+        self._budget = settings.max_message_bytes - _RESPONSE_HEADROOM
+        self._size = 0
+
+    def refuse(self, index: int, exc: errors.HubError) -> None:
+        self._size += _row_error(self.response, index, exc).ByteSize() + 3
+
+    async def add(self, request: user_service_pb2.CreateUserRequest | Undecodable) -> bool:
+        """Takes the next row; False when the stream must stop (the rest were not read)."""
+        if not await self._admit():
+            return False
+        try:
+            if isinstance(request, Undecodable):
+                raise request.error
+            self._batch.append((self.index, await self._ops.new_user(request)))
+        except errors.HubError as exc:
+            self.refuse(self.index, exc)
+        if len(self._batch) >= self._batch_size or (
+            self._batch and time.monotonic() - self._started > _BULK_FLUSH_AFTER
+        ):
+            await self.flush()
+        return True
+
+    async def add_many(
+        self, requests: Sequence[user_service_pb2.CreateUserRequest]
+    ) -> bool:
+        for request in requests:
+            if not await self._admit():
+                return False
+            try:
+                self._batch.append((self.index, await self._ops.new_user(request)))
+            except errors.HubError as exc:
+                self.refuse(self.index, exc)
+            if len(self._batch) >= self._batch_size:
+                await self.flush()
+        # A message is the producer's own batch: write it now rather than wait for the next.
+        if self._batch:
+            await self.flush()
+        return True
+
+    async def _admit(self) -> bool:
+        self.index += 1
+        index = self.index
+        if index >= self._max_rows or time.time() >= self._expires_at:
+            await self.flush()
+            self.refuse(index, errors.TooManyRows(index, self._max_rows)
+                        if index >= self._max_rows
+                        else errors.Unauthenticated("token expired; the rest were not read"))
+            return False
+        if self._size + (len(self._batch) + 1) * _ROW_RESERVE > self._budget:
+            await self.flush()
+            if self._size + _ROW_RESERVE > self._budget:
+                self.refuse(index, errors.TooManyRows(index))
+                return False
+        return True
+
+    async def flush(self) -> None:
+        self._started = time.monotonic()
+        if not self._batch:
+            return
+        batch, self._batch = self._batch, []
+        rows = [new for _, new in batch]
+        await self._wait_for_tokens(len(rows))
+        try:
+            results = await self._store.create_many(rows)
+        except errors.StoreUnavailable as exc:
+            # Report every row of the failed batch: none is lost silently, and a retry of
+            # a row that did land is refused by the email index, never duplicated.
+            results = [exc] * len(rows)
+        ids = self.response.user_ids
+        for (index, _), result in zip(batch, results, strict=True):
+            if isinstance(result, errors.HubError):
+                self.refuse(index, result)
+            else:
+                ids.append(result.user.id)
+                self._size += len(result.user.id) + 2
+
+    async def finish(self) -> user_service_pb2.BulkCreateResponse:
+        await self.flush()
+        self.response.created_count = len(self.response.user_ids)
+        return self.response
 
 
 def _row_error(

@@ -186,6 +186,9 @@ CALLS: dict[str, Callable[[Hub, Metadata], Awaitable[Any]]] = {
         pb.DeleteUserRequest(user_id=hub.seed), metadata=md, timeout=5),
     "BulkCreateUsers": lambda hub, md: hub.users.BulkCreateUsers(
         iter([pb.CreateUserRequest(email="bulk@example.com")]), metadata=md, timeout=5),
+    "ImportUsers": lambda hub, md: hub.users.ImportUsers(
+        iter([pb.ImportUsersRequest(users=[pb.CreateUserRequest(email="imp@example.com")])]),
+        metadata=md, timeout=5),
 }
 
 
@@ -221,7 +224,8 @@ BAD_CREDENTIALS: dict[str, Callable[[], Metadata]] = {
 }
 
 
-@pytest.mark.parametrize("method", ["GetUser", "UpdateUser", "DeleteUser", "BulkCreateUsers"])
+@pytest.mark.parametrize(
+    "method", ["GetUser", "UpdateUser", "DeleteUser", "BulkCreateUsers", "ImportUsers"])
 @pytest.mark.parametrize("case", list(BAD_CREDENTIALS))
 async def test_bad_credentials_are_unauthenticated(case: str, method: str) -> None:
     async with serving() as hub:
@@ -242,7 +246,8 @@ async def test_alg_none_is_refused_even_with_every_scope_claimed() -> None:
 # -- scopes: PERMISSION_DENIED, distinct from UNAUTHENTICATED ------------------------------
 
 METHOD_SCOPE = [("GetUser", READ), ("ListUsers", READ), ("CreateUser", WRITE),
-                ("UpdateUser", WRITE), ("DeleteUser", WRITE), ("BulkCreateUsers", WRITE)]
+                ("UpdateUser", WRITE), ("DeleteUser", WRITE), ("BulkCreateUsers", WRITE),
+                ("ImportUsers", WRITE)]
 
 
 @pytest.mark.parametrize(("method", "scope"), METHOD_SCOPE)
@@ -257,7 +262,7 @@ async def test_each_method_needs_its_scope(method: str, scope: str) -> None:
 
 async def test_read_only_token_cannot_write(store: Store) -> None:
     async with serving(store) as hub:
-        for method in ("UpdateUser", "DeleteUser", "BulkCreateUsers"):
+        for method in ("UpdateUser", "DeleteUser", "BulkCreateUsers", "ImportUsers"):
             err = await refused(hub, method, bearer(mint(READ)))
             assert err.code() == PERMISSION_DENIED, method
         user = await CALLS["GetUser"](hub, bearer(mint(READ)))

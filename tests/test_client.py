@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import anyio
 import grpc
@@ -111,6 +111,24 @@ async def test_async_bulk_create_reports_refused_rows(hub: HubServer) -> None:
         assert (await users.get_user(result.user_ids[0])).email == "ok@example.com"
 
 
+async def test_async_import_users_batches_rows_and_reports_like_bulk(hub: HubServer) -> None:
+    async def rows() -> AsyncIterator[pb.CreateUserRequest]:
+        for i in range(7):
+            yield pb.CreateUserRequest(email="bad" if i == 5 else f"imp{i}@example.com")
+
+    async with AsyncUserClient(f"127.0.0.1:{hub.port}") as users:
+        result = await users.import_users(rows(), batch_size=3)  # three messages: 3 + 3 + 1
+        assert result.created_count == 6
+        assert [(e.index, e.field) for e in result.errors] == [(5, "email")]
+
+        def failing() -> Iterator[pb.CreateUserRequest]:
+            yield pb.CreateUserRequest(email="first@example.com")
+            raise KeyError("the source broke")
+
+        with pytest.raises(KeyError, match="the source broke"):
+            await users.import_users(failing(), batch_size=1)
+
+
 async def test_async_typed_errors(hub: HubServer) -> None:
     async with AsyncUserClient(f"127.0.0.1:{hub.port}") as users:
         with pytest.raises(UserNotFoundError) as missing:
@@ -177,6 +195,15 @@ def test_sync_round_trip(hub_process: Callable[..., HubProcess]) -> None:
         with pytest.raises(UserNotFoundError):
             users.get_user(ada.id)
         assert [u.id for u in users.list_users()] == sorted(bulk.user_ids)
+
+
+def test_sync_import_users(hub_process: Callable[..., HubProcess]) -> None:
+    server = hub_process()
+    with UserClient(server.target) as users:
+        rows = (pb.CreateUserRequest(email=f"s{i}@example.com") for i in range(1200))
+        result = users.import_users(rows)
+        assert result.created_count == 1200 and not result.errors
+        assert len(list(users.list_users())) == 1200
 
 
 def test_sync_typed_errors(hub_process: Callable[..., HubProcess]) -> None:

@@ -371,6 +371,26 @@ def test_fuzzed_bulk_create_streams_get_deliberate_statuses(channel: grpc.Channe
     run()
 
 
+def test_fuzzed_import_streams_get_deliberate_statuses(channel: grpc.Channel) -> None:
+    stub = UserServiceStub(channel)
+
+    @settings(FUZZ, max_examples=EXAMPLES["bulk"])
+    @given(batches=st.lists(st.lists(requests(pb.CreateUserRequest), max_size=8), max_size=4))
+    def run(batches: list[list[pb.CreateUserRequest]]) -> None:
+        messages = [pb.ImportUsersRequest(users=rows) for rows in batches]
+        reply: list[pb.BulkCreateResponse] = []
+        code = outcome(lambda: reply.append(stub.ImportUsers(iter(messages),
+                                                             timeout=CALL_TIMEOUT)))
+        check("ImportUsers", code, messages)
+        (response,) = reply
+        total = sum(len(rows) for rows in batches)
+        refused = sorted(e.index for e in response.errors)
+        assert len(set(refused)) == len(refused) and all(0 <= i < total for i in refused)
+        assert response.created_count + len(refused) == total
+
+    run()
+
+
 END = "request: names no subscribe, unsubscribe or change"
 
 
@@ -426,6 +446,7 @@ METHODS: dict[str, tuple[str, type[Message]]] = {
     "DeleteUser": ("unary_unary", pb.DeleteUserRequest),
     "ListUsers": ("unary_stream", pb.ListUsersRequest),
     "BulkCreateUsers": ("stream_unary", pb.CreateUserRequest),
+    "ImportUsers": ("stream_unary", pb.ImportUsersRequest),
     "UserUpdates": ("stream_stream", pb.UserUpdateRequest),
     "Sync": ("stream_stream", spb.SyncRequest),
 }
@@ -478,7 +499,8 @@ def test_raw_bytes_requests_get_deliberate_statuses(channel: grpc.Channel, metho
     run()
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "BulkCreateUsers"])
+@pytest.mark.parametrize(
+    "method", [m for m in METHODS if m not in ("BulkCreateUsers", "ImportUsers")])
 def test_unparsable_request_bytes_are_invalid_argument(
     channel: grpc.Channel, method: str
 ) -> None:

@@ -328,3 +328,72 @@ async def test_bulk_response_never_exceeds_the_message_limit() -> None:
         # Every row before the stop was created, none after it.
         assert response.created_count == stop.index > 100
         assert len(await all_users(stub)) == stop.index
+
+
+# -- ImportUsers ----------------------------------------------------------------------------
+
+
+async def test_import_reports_rows_like_bulk_with_indexes_across_messages(
+    stub: UserServiceStub,
+) -> None:
+    await create(stub, "taken@example.com")
+
+    def message(first: int, count: int) -> pb.ImportUsersRequest:
+        rows = []
+        for i in range(first, first + count):
+            email = f"i{i}@example.com"
+            if i == 7:
+                email = "not-an-email"
+            elif i == 130:
+                email = "TAKEN@example.com"
+            elif i == 199:
+                email = "i198@example.com"  # duplicate within the stream, another message
+            rows.append(pb.CreateUserRequest(email=email, name=f"I{i}"))
+        return pb.ImportUsersRequest(users=rows)
+
+    # 120 rows per message: more than one store batch (the fixture's batch size is 50).
+    messages = [message(0, 120), pb.ImportUsersRequest(), message(120, 80)]
+    response = await stub.ImportUsers(iter(messages), timeout=10)
+    assert response.created_count == 197 == len(response.user_ids)
+    errors = {e.index: e for e in response.errors}
+    assert set(errors) == {7, 130, 199}
+    assert errors[7].code == Code.INVALID_ARGUMENT.value[0] and errors[7].field == "email"
+    assert errors[130].code == Code.ALREADY_EXISTS.value[0] == errors[199].code
+    created = {u.id: u for u in await all_users(stub)}
+    assert len(created) == 198
+    assert [created[i].name for i in response.user_ids][6:8] == ["I6", "I8"]
+
+
+async def test_import_stops_at_an_unparsable_message(
+    stub: UserServiceStub, hub: HubServer
+) -> None:
+    good = pb.ImportUsersRequest(users=[pb.CreateUserRequest(email=f"u{i}@example.com")
+                                        for i in range(3)]).SerializeToString()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}") as channel:
+        call = channel.stream_unary(
+            "/user.v1.UserService/ImportUsers", request_serializer=None,
+            response_deserializer=pb.BulkCreateResponse.FromString)
+        response = await call(iter([good, b"\xff\xff\xff", good]), timeout=10)
+    assert response.created_count == 3
+    [error] = response.errors
+    assert (error.index, error.code, error.field) == (
+        3, Code.INVALID_ARGUMENT.value[0], "users")
+    assert len(await all_users(stub)) == 3
+
+
+async def test_import_respects_the_row_limit() -> None:
+    from hub.settings import Settings
+    from hub.store.memory import MemoryStore
+
+    settings = Settings(port=0, bulk_max_rows=250, bulk_batch_size=100)
+    async with HubServer(settings, store=MemoryStore()) as server, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = UserServiceStub(channel)
+        messages = [pb.ImportUsersRequest(users=[
+            pb.CreateUserRequest(email=f"m{m}r{r}@example.com") for r in range(100)])
+            for m in range(4)]
+        response = await stub.ImportUsers(iter(messages), timeout=10)
+        assert response.created_count == 250
+        [stop] = response.errors
+        assert stop.index == 250 and stop.code == Code.RESOURCE_EXHAUSTED.value[0]
+        assert len(await all_users(stub)) == 250
