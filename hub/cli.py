@@ -1,6 +1,6 @@
 """`hub` command line: it parses flags and calls one function; nothing else lives here.
 
-    hub serve [--host H] [--port P] [--redis-url URL]
+    hub serve [--host H] [--port P] [--redis-url URL] [--workers N]
     hub user create --email ada@example.com --name Ada
     hub user import users.csv            # or .jsonl; streams through BulkCreateUsers
     hub watch [--user ID ...]            # live changes, one JSON line each, resuming by itself
@@ -167,12 +167,11 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from hub.server import serve
+    from hub.server import run
 
     settings = Settings.load({f.name: getattr(args, f.name) for f in fields(Settings)})
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
-    return 0
+    return run(settings)
 
 
 # -- user commands ------------------------------------------------------------------------

@@ -90,11 +90,29 @@ class Settings:
     tls_key: str = _setting("", "PEM private key file for --tls-cert")
     tls_client_ca: str = _setting(
         "", "PEM CA file: require client certificates signed by it (mTLS)")
-    metrics_port: int = _setting(0, "port of the Prometheus /metrics endpoint (0: off)")
+    metrics_port: int = _setting(
+        0, "port of the Prometheus /metrics endpoint (0: off); with --workers N, worker i"
+        " (0..N-1) serves it on this port + i")
+    workers: int = _setting(
+        1, "server processes sharing the port (SO_REUSEPORT), each with its own Redis"
+        " subscription; 0: one per usable core. More than 1 needs --redis-url. The"
+        " supervisor forwards SIGTERM/SIGINT to them, and if one dies it stops the others"
+        " and exits 1")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is not 0..65535")
+        if self.workers < 0:
+            raise ValueError(f"workers must be 0 (one per core) or more, not {self.workers}")
+        if self.workers != 1 and not self.redis_url:
+            # Each worker would hold its own embedded store: users created through one
+            # connection would be missing on the next.
+            raise ValueError(
+                f"--workers {self.workers} needs --redis-url: the embedded in-memory store"
+                " lives in one process, so workers would not share users")
+        if self.metrics_port and self.metrics_port + self.worker_count - 1 > 65535:
+            raise ValueError(f"metrics ports {self.metrics_port}.."
+                             f"{self.metrics_port + self.worker_count - 1} exceed 65535")
         positive = ("partitions", "history_size", "history_max_age", "max_message_bytes",
                     "password_hash_concurrency", "bulk_batch_size", "heartbeat_interval",
                     "subscriber_max_events", "subscriber_max_bytes", "max_subscription_users",
@@ -115,6 +133,15 @@ class Settings:
             raise ValueError(
                 f"refusing to serve {self.host} without authentication: configure"
                 " --jwt-secret or --jwt-public-key, or pass --insecure")
+
+    @property
+    def worker_count(self) -> int:
+        """Server processes to run: `workers`, or for 0 the cores this process may use."""
+        if self.workers:
+            return self.workers
+        if hasattr(os, "sched_getaffinity"):  # Linux: honours taskset and cpusets
+            return len(os.sched_getaffinity(0))
+        return os.cpu_count() or 1
 
     @property
     def auth_enabled(self) -> bool:
