@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 from hub import metrics
-from hub.domain import Event, Position, partition_of
+from hub.domain import Event, EventBatch, Position, partition_of
 from hub.errors import ContinuityLost, SlowConsumer, StoreUnavailable
 from hub.store.base import Store
 
@@ -342,15 +342,22 @@ class Fanout:
             if target > self._pos[p]:
                 await self._repair(p, target)
 
-    async def _on_batch(self, events: list[Event]) -> None:
-        first = events[0]
-        if first.epoch != self.epoch:
+    async def _on_batch(self, batch: EventBatch) -> None:
+        if batch.epoch != self.epoch:
             self._reset(await self._store.position())
             return
-        p = first.partition
-        if first.offset > self._pos[p] + 1:
-            await self._repair(p, first.offset - 1)
-        for event in events:
+        p = batch.partition
+        if batch.first_offset > self._pos[p] + 1:
+            await self._repair(p, batch.first_offset - 1)
+        fresh = batch.last_offset - self._pos[p]
+        if fresh <= 0:
+            return  # a repair routed these already
+        metrics.EVENTS_ROUTED.inc(fresh)
+        if not self._all and not self._by_user:
+            # Nobody here wants any event: take the position and skip decoding them.
+            self._pos[p] = batch.last_offset
+            return
+        for event in batch.events():
             if event.offset == self._pos[p] + 1:
                 self._route(event)
 
@@ -364,13 +371,13 @@ class Fanout:
                 lost_to = events[0].offset - 1 if events else target
                 self._lose(p, lost_to)
                 continue
-            for event in events:
-                if event.offset <= target:
-                    self._route(event)
+            routed = [e for e in events if e.offset <= target]
+            metrics.EVENTS_ROUTED.inc(len(routed))
+            for event in routed:
+                self._route(event)
 
     def _route(self, event: Event) -> None:
         self._pos[event.partition] = event.offset
-        metrics.EVENTS_ROUTED.inc()
         by_user = self._by_user.get(event.user.id)
         if not self._all and not by_user:
             return

@@ -141,10 +141,13 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         context: Context,
     ) -> user_service_pb2.BulkCreateResponse:
         bulk = _Bulk(self)
-        async for request in request_iterator:
-            if not await bulk.add(request):
-                break
-        return await bulk.finish()
+        try:
+            async for request in request_iterator:
+                if not await bulk.add(request):
+                    break
+            return await bulk.finish()
+        finally:
+            bulk.abandon()
 
     @_unary
     async def ImportUsers(
@@ -154,16 +157,19 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
     ) -> user_service_pb2.BulkCreateResponse:
         # BulkCreateUsers' rows, many per message: gRPC's per-message cost is paid per batch.
         bulk = _Bulk(self)
-        async for request in request_iterator:
-            if isinstance(request, Undecodable):
-                # Its row count is unknown, so later rows' indexes would be too: stop here.
-                bulk.refuse(bulk.index + 1, errors.InvalidArgument.of(
-                    "users", "not a valid ImportUsersRequest message: its rows and the rest"
-                    " were not read"))
-                break
-            if not await bulk.add_many(request.users):
-                break
-        return await bulk.finish()
+        try:
+            async for request in request_iterator:
+                if isinstance(request, Undecodable):
+                    # Its row count is unknown, so later rows' indexes would be too: stop.
+                    bulk.refuse(bulk.index + 1, errors.InvalidArgument.of(
+                        "users", "not a valid ImportUsersRequest message: its rows and the"
+                        " rest were not read"))
+                    break
+                if not await bulk.add_many(request.users):
+                    break
+            return await bulk.finish()
+        finally:
+            bulk.abandon()
 
     async def _wait_for_tokens(self, rows: int) -> None:
         """A bulk stream is slowed to the caller's write rate rather than refused: the
@@ -196,6 +202,8 @@ class _Bulk:
         self.response = user_service_pb2.BulkCreateResponse()
         self.index = -1  # the last row read
         self._batch: list[tuple[int, NewUser]] = []
+        self._writing: asyncio.Task[None] | None = None
+        self._in_flight = 0  # rows of the write in flight, whose outcomes are not yet counted
         self._started = time.monotonic()
         self._expires_at = caller().expires_at
         # The response lists every row's outcome, so it must stay under the message limit:
@@ -229,7 +237,9 @@ class _Bulk:
             if not await self._admit():
                 return False
             try:
-                self._batch.append((self.index, await self._ops.new_user(request)))
+                self._batch.append((self.index, self._ops.new_user_without_password(request)
+                                    if not request.password
+                                    else await self._ops.new_user(request)))
             except errors.HubError as exc:
                 self.refuse(self.index, exc)
             if len(self._batch) >= self._batch_size:
@@ -248,26 +258,41 @@ class _Bulk:
                         if index >= self._max_rows
                         else errors.Unauthenticated("token expired; the rest were not read"))
             return False
-        if self._size + (len(self._batch) + 1) * _ROW_RESERVE > self._budget:
+        pending = len(self._batch) + self._in_flight
+        if self._size + (pending + 1) * _ROW_RESERVE > self._budget:
             await self.flush()
+            await self.settle()
             if self._size + _ROW_RESERVE > self._budget:
                 self.refuse(index, errors.TooManyRows(index))
                 return False
         return True
 
     async def flush(self) -> None:
+        """Starts writing the rows read so far. The write runs while the next rows are read
+        and validated; outcomes are still recorded in row order, one write at a time."""
         self._started = time.monotonic()
         if not self._batch:
             return
         batch, self._batch = self._batch, []
-        rows = [new for _, new in batch]
-        await self._wait_for_tokens(len(rows))
+        await self.settle()
+        await self._wait_for_tokens(len(batch))
+        self._in_flight = len(batch)
+        self._writing = asyncio.create_task(self._write(batch))
+
+    async def settle(self) -> None:
+        """Waits for the write in flight and records its rows' outcomes."""
+        if self._writing is not None:
+            writing, self._writing = self._writing, None
+            await writing
+            self._in_flight = 0
+
+    async def _write(self, batch: list[tuple[int, NewUser]]) -> None:
         try:
-            results = await self._store.create_many(rows)
+            results = await self._store.create_many([new for _, new in batch])
         except errors.StoreUnavailable as exc:
             # Report every row of the failed batch: none is lost silently, and a retry of
             # a row that did land is refused by the email index, never duplicated.
-            results = [exc] * len(rows)
+            results = [exc] * len(batch)
         ids = self.response.user_ids
         for (index, _), result in zip(batch, results, strict=True):
             if isinstance(result, errors.HubError):
@@ -278,8 +303,20 @@ class _Bulk:
 
     async def finish(self) -> user_service_pb2.BulkCreateResponse:
         await self.flush()
+        await self.settle()
         self.response.created_count = len(self.response.user_ids)
         return self.response
+
+    def abandon(self) -> None:
+        """The call ended early (cancelled, or an error): a write already sent to the store
+        still completes there, and its outcome is dropped with the call."""
+        if self._writing is not None and not self._writing.done():
+            self._writing.add_done_callback(_retrieve)
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("bulk write of an abandoned call failed", exc_info=task.exception())
 
 
 def _row_error(

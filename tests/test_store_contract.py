@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from hub.domain import (
     Event,
+    EventBatch,
     EventType,
     NewUser,
     Position,
@@ -63,9 +64,14 @@ def by_position(events: list[Event]) -> list[Event]:
     return sorted(events, key=lambda e: (e.partition, e.offset))
 
 
-async def next_batch(events: AsyncIterator[list[Event]]) -> list[Event]:
+async def next_batch(batches: AsyncIterator[EventBatch]) -> list[Event]:
     with anyio.fail_after(5):
-        return await anext(events)
+        batch = await anext(batches)
+    events = batch.events()
+    # The batch's header (known before decoding) matches what it holds.
+    assert (batch.epoch, batch.partition, batch.first_offset, batch.count) == (
+        events[0].epoch, events[0].partition, events[0].offset, len(events))
+    return events
 
 
 # -- create ---------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
-from hub.domain import Event, NewUser, Position, User, UserPatch
+from hub.domain import Event, EventBatch, NewUser, Position, User, UserPatch
 from hub.errors import HubError
 
 # A bulk row's outcome: its event on success, the refusal otherwise.
@@ -45,7 +45,7 @@ class Store(Protocol):
         """The epoch and each partition's last offset."""
         ...
 
-    def listen(self) -> AbstractAsyncContextManager[AsyncIterator[list[Event]]]:
+    def listen(self) -> AbstractAsyncContextManager[AsyncIterator[EventBatch]]:
         """Live events, in batches (one per write call and partition), from the moment the
         context is entered: nothing written after `__aenter__` returns is missed."""
         ...

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 from hub.domain import (
     Event,
+    EventBatch,
     EventType,
     NewUser,
     Position,
@@ -44,7 +45,7 @@ class MemoryStore:
         self._epoch = secrets.token_hex(4)
         self._offsets = [0] * partitions
         self._history = [deque[Event](maxlen=history_size) for _ in range(partitions)]
-        self._listeners: set[asyncio.Queue[list[Event]]] = set()
+        self._listeners: set[asyncio.Queue[EventBatch]] = set()
 
     async def get(self, user_id: str) -> User:
         try:
@@ -125,7 +126,8 @@ class MemoryStore:
         by_partition: dict[int, list[Event]] = {}
         for e in events:
             by_partition.setdefault(e.partition, []).append(e)
-        for batch in by_partition.values():
+        for events in by_partition.values():
+            batch = EventBatch.of(events)
             for queue in self._listeners:
                 queue.put_nowait(batch)
 
@@ -148,11 +150,11 @@ class MemoryStore:
         return Position(self._epoch, tuple(self._offsets))
 
     @asynccontextmanager
-    async def listen(self) -> AsyncIterator[AsyncIterator[list[Event]]]:
-        queue: asyncio.Queue[list[Event]] = asyncio.Queue()
+    async def listen(self) -> AsyncIterator[AsyncIterator[EventBatch]]:
+        queue: asyncio.Queue[EventBatch] = asyncio.Queue()
         self._listeners.add(queue)
 
-        async def batches() -> AsyncIterator[list[Event]]:
+        async def batches() -> AsyncIterator[EventBatch]:
             while True:
                 yield await queue.get()
 
