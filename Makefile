@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test check lint typecheck proto proto-check lint-proto clean
+.PHONY: serve test bench check lint typecheck proto proto-check lint-proto clean
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -32,6 +32,10 @@ test: $(STAMP) node_modules/.bin/buf
 	their own Redis. Install it (Debian/Ubuntu: apt-get install redis-server) or put it on PATH."; exit 1; }
 	# One pytest process per test module (see the script), then one summary line.
 	$(BIN)/python scripts/run_tests.py $(PYTEST_ARGS)
+
+## Every performance figure beside its ceiling, in one run (writes bench-results/).
+bench: $(STAMP)
+	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
 
 ## Regenerate hub/api from protos/.
 proto: $(STAMP)

@@ -1,8 +1,9 @@
-"""Worker processes of `loadtest.fanout`; not meant to be run by hand.
+"""Worker processes of `loadtest.fanout` and `loadtest.bench`; not meant to be run by hand.
 
     python -m loadtest._subscriber sub --target HOST:PORT --streams 25 [--raw] [--latency]
     python -m loadtest._subscriber writer --target HOST:PORT (--bulk-streams N | --rate R)
-    python -m loadtest._subscriber raw-server --port P --event B64 --batch N --token T
+    python -m loadtest._subscriber raw-server --port P [--event B64 --batch N --token T]
+        [--user B64] [--reuseport]
 
 Each role talks to its parent in JSON lines: commands on stdin, replies on stdout (nothing else
 is ever printed there). A worker whose stdin closes (the parent died) stops at once, so no
@@ -19,11 +20,14 @@ worker outlives the benchmark. All loops are bounded in count and in time.
   "expected": n | null, "timeout": s} (replies with the stats once every stream has n events,
   or has ended, or the timeout passed), {"cmd": "stop"}.
 - `writer`: creates (BulkCreateUsers batches, plus optional concurrent UpdateUser loops) as
-  fast as it can, or creates paced at --rate per second with CreateUser. Commands:
+  fast as it can, or creates paced at --rate per second with CreateUser (or, with
+  --rate-batch K, one BulkCreateUsers call of K rows every K/rate s). Commands:
   {"cmd": "go", "start_at": t, "duration": s} (replies with what was written), {"cmd": "stop"}.
-- `raw-server`: a bare grpc.aio server whose one method streams a pre-encoded SyncResponse of
-  --batch copies of the given event, bytes in and bytes out (no serializer), from the
-  request's start_at to its stop_at.
+- `raw-server`: a bare grpc.aio server, the ceilings of `loadtest.bench`, bytes in and bytes
+  out (no serializer, nothing parsed): `Stream` streams a pre-encoded SyncResponse of --batch
+  copies of the given event from the request's start_at to its stop_at; `Count` reads a
+  client stream and answers with the message count; `Echo` answers any request with a
+  pre-encoded User; `Idle` answers a bidi stream's first request once, then stays silent.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import random
 import secrets
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -382,18 +386,39 @@ class _Writer:
         finally:
             slots.release()
 
+    async def create_batch(self, requests: list[user_service_pb2.CreateUserRequest],
+                           slots: asyncio.Semaphore) -> None:
+        try:
+            response = await self.users.BulkCreateUsers(iter(requests), timeout=30)
+            self.stats.created += response.created_count
+            self.stats.refused += len(response.errors)
+        except grpc.aio.AioRpcError as err:
+            self.stats.error(err)
+            self.stats.unknown += len(requests)
+        finally:
+            slots.release()
+
     async def paced(self, start_at: float, duration: float) -> None:
-        rate, slots = self.args.rate, asyncio.Semaphore(self.args.max_inflight)
+        """rate writes/s, `rate_batch` rows per call: one CreateUser each, or (where one
+        Python client cannot make thousands of unary calls a second) a BulkCreateUsers call
+        of rate_batch rows every rate_batch/rate s."""
+        rate, rows = self.args.rate, self.args.rate_batch
+        slots = asyncio.Semaphore(self.args.max_inflight)
         async with asyncio.TaskGroup() as tg:
-            for i in range(int(rate * duration)):
-                due = start_at + i / rate
+            for i in range(int(rate * duration / rows)):
+                due = start_at + i * rows / rate
                 await asyncio.sleep(max(0.0, due - time.time()))
                 await slots.acquire()  # bounded in flight: a stalled hub makes us late
                 self.stats.max_late_ms = max(self.stats.max_late_ms,
                                              (time.time() - due) * 1000)
                 self.stats.calls += 1
-                tg.create_task(self.create(user_service_pb2.CreateUserRequest(
-                    email=self._email(), name=f"Paced {self.serial}"), slots))
+                if rows == 1:
+                    tg.create_task(self.create(user_service_pb2.CreateUserRequest(
+                        email=self._email(), name=f"Paced {self.serial}"), slots))
+                else:
+                    tg.create_task(self.create_batch([user_service_pb2.CreateUserRequest(
+                        email=self._email(), name=f"Paced {self.serial}")
+                        for _ in range(rows)], slots))
 
     async def go(self, start_at: float, duration: float) -> None:
         await asyncio.sleep(max(0.0, start_at - time.time()))
@@ -442,22 +467,74 @@ def _raw_handler(message: bytes) -> Callable[[bytes, Any], Awaitable[None]]:
     return stream
 
 
+async def _raw_count(requests: AsyncIterator[bytes], context: Any) -> bytes:
+    """The client-stream ceiling: read every message, parse none, answer with the count."""
+    count = 0
+    async for _ in requests:
+        count += 1
+    return user_service_pb2.BulkCreateResponse(created_count=count).SerializeToString()
+
+
+def _raw_echo(user: bytes) -> Callable[[bytes, Any], Awaitable[bytes]]:
+    async def echo(request: bytes, context: Any) -> bytes:
+        return user  # a GetUser-shaped answer, encoded once
+    return echo
+
+
+def _raw_idle(ready: bytes) -> Callable[[AsyncIterator[bytes], Any], AsyncIterator[bytes]]:
+    async def idle(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        # Like a Sync stream that subscribed and has nothing to say: one answer to the first
+        # request (so the client knows the stream is open), then silence until the client
+        # goes away.
+        answered = False
+        async for _ in requests:
+            if not answered:
+                answered = True
+                yield ready
+    return idle
+
+
+def _synthetic_user() -> common_pb2.User:
+    now = int(time.time())
+    user = common_pb2.User(
+        id="01J00000000000000000000000", email="bench-00000000-1@example.com",
+        name="Bench User 1", status=common_pb2.USER_STATUS_ACTIVE, version=1)
+    user.created_at.seconds = user.updated_at.seconds = now
+    return user
+
+
 async def _run_raw_server(args: argparse.Namespace) -> None:
     commands = await _stdin()
-    event = base64.b64decode(args.event)
+    user = base64.b64decode(args.user) if args.user else \
+        _synthetic_user().SerializeToString()
+    if args.event:
+        event = base64.b64decode(args.event)
+    else:
+        synthetic = common_pb2.UserEvent(type=common_pb2.EVENT_TYPE_CREATED,
+                                         user=common_pb2.User.FromString(user))
+        event = synthetic.SerializeToString()
     item = b"\x0a" + varint(len(event)) + event  # SyncResponse.events, field 1
     message = item * args.batch + sync_pb.SyncResponse(resume_token=args.token) \
         .SerializeToString()
     sync_pb.SyncResponse.FromString(message)  # the clients must be able to parse it
+    ready = sync_pb.SyncResponse(snapshot_complete=True).SerializeToString()
     # No serializers: request and response are the bytes themselves.
     handler = grpc.method_handlers_generic_handler("loadtest.Raw", {
         "Stream": grpc.unary_stream_rpc_method_handler(
             _raw_handler(message), request_deserializer=None, response_serializer=None),
+        "Count": grpc.stream_unary_rpc_method_handler(
+            _raw_count, request_deserializer=None, response_serializer=None),
+        "Echo": grpc.unary_unary_rpc_method_handler(
+            _raw_echo(user), request_deserializer=None, response_serializer=None),
+        "Idle": grpc.stream_stream_rpc_method_handler(
+            _raw_idle(ready), request_deserializer=None, response_serializer=None),
     })
     server = grpc.aio.server(options=[
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.so_reuseport", 0),
+        # --reuseport: several raw servers share one port, as `hub serve --workers N` does.
+        ("grpc.so_reuseport", int(args.reuseport)),
+        ("grpc.max_concurrent_streams", args.max_concurrent_streams),
     ])
     server.add_generic_rpc_handlers((handler,))
     server.add_insecure_port(f"127.0.0.1:{args.port}")
@@ -484,12 +561,16 @@ def main(argv: list[str] | None = None) -> int:
     writer.add_argument("--batch", type=int, default=500)
     writer.add_argument("--updaters", type=int, default=0)
     writer.add_argument("--rate", type=float, default=0.0)
+    writer.add_argument("--rate-batch", type=int, default=1)
     writer.add_argument("--max-inflight", type=int, default=200)
     raw = roles.add_parser("raw-server")
     raw.add_argument("--port", type=int, required=True)
-    raw.add_argument("--event", required=True)
-    raw.add_argument("--batch", type=int, required=True)
+    raw.add_argument("--event", default="", help="base64 UserEvent (default: synthetic)")
+    raw.add_argument("--batch", type=int, default=1)
     raw.add_argument("--token", default="")
+    raw.add_argument("--user", default="", help="base64 User for Echo (default: synthetic)")
+    raw.add_argument("--reuseport", action="store_true")
+    raw.add_argument("--max-concurrent-streams", type=int, default=10_000)
     args = parser.parse_args(argv)
     run = {"sub": _run_subscriber, "writer": _run_writer, "raw-server": _run_raw_server}
     try:

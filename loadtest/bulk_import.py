@@ -6,9 +6,10 @@
 Without --redis-url a throwaway `redis-server` (no RDB, no AOF) is started on a free port and
 killed at the end; the shared Redis is only ever used when its URL is passed explicitly (the
 users created there stay). The hub runs as a `python -m hub serve` subprocess with
-HUB_LOG_LEVEL=WARNING, so client and server never share an event loop. Every request message is
-built before the clock starts; the time runs from the first send to the last response. The run
-fails (exit 1) unless every row was created without error and Redis holds exactly N more ids.
+HUB_LOG_LEVEL=WARNING (and HUB_WRITE_RATE=0 unless set), so client and server never share an
+event loop. Every request message is built before the clock starts; the time runs from the
+first send to the last response. The run fails (exit 1) unless every row was created without
+error and Redis holds exactly N more ids.
 
 --batch-size sets the server's HUB_BULK_BATCH_SIZE (default: the environment's, else 500).
 --streams splits the users over that many concurrent BulkCreateUsers calls on one channel.
@@ -24,28 +25,35 @@ import json
 import os
 import platform
 import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-import grpc
 import grpc.aio
 import redis
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hub.api.user.v1 import common_pb2
 from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1 import user_service_pb2_grpc as pb_grpc
 from hub.client import CHANNEL_OPTIONS
 from hub.settings import Settings
+from loadtest._bench_procs import (
+    BenchError,
+    cpu_model,
+    cpu_seconds,
+    free_port,
+    nproc,
+    print_table,
+    start_redis,
+    stop,
+    tail,
+    wait_serving,
+)
 
 DEFAULT_USERS = 100_000
 # Keeps a run bounded in time and memory (every request is built up front).
@@ -54,12 +62,6 @@ MAX_USERS = 1_000_000
 IDS_KEY = "hub:ids"
 # A BulkCreateResponse lists every created id: field tag, length and 26 ULID characters.
 _BYTES_PER_ID = 28
-_STARTUP_TIMEOUT = 20.0
-_STOP_TIMEOUT = 15.0
-
-
-class BenchError(Exception):
-    """The benchmark could not run or its result is wrong; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> Result:
     """Start what is needed, create args.users users, verify, stop; BenchError if anything fails."""
-    env = {**os.environ, "HUB_LOG_LEVEL": "WARNING"}
+    # The write rate limit is off unless the environment sets one: the figure is the hub's.
+    env = {"HUB_WRITE_RATE": "0", **os.environ, "HUB_LOG_LEVEL": "WARNING"}
     if args.batch_size is not None:
         env["HUB_BULK_BATCH_SIZE"] = str(args.batch_size)
     try:
@@ -144,8 +147,8 @@ def run(args: argparse.Namespace) -> Result:
         if args.redis_url:
             redis_url, redis_label = args.redis_url, "external"
         else:
-            redis_proc, redis_url = _start_redis(workdir)
-            stack.callback(_stop, redis_proc)
+            redis_proc, redis_url = start_redis(workdir)
+            stack.callback(stop, redis_proc)
             redis_label = "own redis-server (no persistence)"
         store = redis.Redis.from_url(redis_url, socket_connect_timeout=2)
         stack.callback(store.close)
@@ -155,7 +158,7 @@ def run(args: argparse.Namespace) -> Result:
         except redis.RedisError as exc:
             raise BenchError(f"cannot reach Redis at {_redact(redis_url)}: {exc}") from None
 
-        hub_port = _free_port()
+        hub_port = free_port()
         hub_log = workdir / "hub.log"
         with hub_log.open("wb") as out:
             hub_proc = subprocess.Popen(
@@ -163,7 +166,7 @@ def run(args: argparse.Namespace) -> Result:
                  "--port", str(hub_port), "--redis-url", redis_url],
                 env=env, stdout=out, stderr=subprocess.STDOUT,
             )
-        stack.callback(_stop, hub_proc)
+        stack.callback(stop, hub_proc)
 
         # Built before the clock starts; a per-run tag keeps emails unique in a reused Redis.
         tag = secrets.token_hex(4)
@@ -180,7 +183,7 @@ def run(args: argparse.Namespace) -> Result:
                 settings.max_message_bytes,
             ))
         except BenchError as exc:
-            raise BenchError(f"{exc}\n{_tail(hub_log)}") from None
+            raise BenchError(f"{exc}\n{tail(hub_log)}") from None
         _verify(chunks, responses)
         try:
             added = int(store.zcard(IDS_KEY)) - ids_before
@@ -192,7 +195,7 @@ def run(args: argparse.Namespace) -> Result:
     return Result(
         users=args.users, streams=len(chunks), seconds=round(seconds, 3),
         users_per_s=round(args.users / seconds, 1), batch_size=settings.bulk_batch_size,
-        nproc=_nproc(), cpu=_cpu_model(), redis=redis_label,
+        nproc=nproc(), cpu=cpu_model(), redis=redis_label,
         redis_version=str(info.get("redis_version", "?")),
         hub_cpu_s=cpu[0], redis_cpu_s=cpu[1], python=platform.python_version(),
     )
@@ -210,10 +213,10 @@ async def _bench(
     options.append(("grpc.max_receive_message_length", max_message_bytes))
     async with grpc.aio.insecure_channel(target, options=options) as channel:
         # The health check also opens the connection the timed calls then use.
-        await _wait_serving(channel, hub_proc)
+        await wait_serving(channel, hub_proc)
         stub: pb_grpc.UserServiceAsyncStub = pb_grpc.UserServiceStub(channel)
-        hub_cpu0 = _cpu_seconds(hub_proc.pid)
-        redis_cpu0 = _cpu_seconds(redis_proc.pid) if redis_proc else None
+        hub_cpu0 = cpu_seconds(hub_proc.pid)
+        redis_cpu0 = cpu_seconds(redis_proc.pid) if redis_proc else None
         started = time.perf_counter()
         try:
             responses = await asyncio.gather(
@@ -223,29 +226,9 @@ async def _bench(
             raise BenchError(f"BulkCreateUsers failed: {err.code().name}: {err.details()}") \
                 from None
         seconds = time.perf_counter() - started
-    cpu = (_delta(hub_cpu0, _cpu_seconds(hub_proc.pid)),
-           _delta(redis_cpu0, _cpu_seconds(redis_proc.pid)) if redis_proc else None)
+    cpu = (_delta(hub_cpu0, cpu_seconds(hub_proc.pid)),
+           _delta(redis_cpu0, cpu_seconds(redis_proc.pid)) if redis_proc else None)
     return seconds, cpu, list(responses)
-
-
-async def _wait_serving(channel: grpc.aio.Channel, proc: subprocess.Popen[bytes]) -> None:
-    # types-grpcio-health-checking declares HealthStub without its methods.
-    health: Any = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + _STARTUP_TIMEOUT
-    status = "no answer"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"hub exited with code {proc.returncode} while starting")
-        try:
-            reply = await health.Check(
-                health_pb2.HealthCheckRequest(service="user.v1.UserSyncService"), timeout=1)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-        except grpc.aio.AioRpcError as err:
-            status = err.code().name
-        await asyncio.sleep(0.05)
-    raise BenchError(f"hub not SERVING after {_STARTUP_TIMEOUT:.0f}s (last health: {status})")
 
 
 def _verify(chunks: list[list[pb.CreateUserRequest]],
@@ -268,87 +251,8 @@ def _verify(chunks: list[list[pb.CreateUserRequest]],
         raise BenchError("wrong BulkCreateUsers result:\n  " + "\n  ".join(problems))
 
 
-def _start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise BenchError("redis-server not found on PATH: install Redis 7 (Debian/Ubuntu:"
-                         " apt-get install redis-server) or pass --redis-url")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis(port=port, socket_connect_timeout=1)
-    deadline = time.monotonic() + _STARTUP_TIMEOUT
-    try:
-        while True:
-            try:
-                client.ping()
-                return proc, url
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    _stop(proc)
-                    raise BenchError(f"redis-server on port {port} did not start") from None
-                time.sleep(0.02)
-    finally:
-        client.close()
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (the hub drains, idle by now), then SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(_STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process (Linux /proc), None where unavailable."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat.rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _delta(before: float | None, after: float | None) -> float | None:
     return None if before is None or after is None else round(after - before, 2)
-
-
-def _nproc() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    return platform.processor() or platform.machine()
-
-
-def _tail(log: Path, lines: int = 20) -> str:
-    try:
-        text = log.read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return "(no hub log)"
-    return "hub log (last lines):\n" + "\n".join(f"  {line}" for line in text) if text \
-        else "(hub log empty)"
 
 
 def _redact(url: str) -> str:
@@ -369,15 +273,6 @@ def _rows(result: Result) -> Iterator[tuple[str, str]]:
             f"{result.redis_cpu_s:.2f} s ({result.redis_cpu_s / result.seconds:.0%})"
     yield "redis", f"{result.redis}, {result.redis_version}"
     yield "machine", f"nproc {result.nproc}, {result.cpu}, Python {result.python}"
-
-
-def print_table(title: str, rows: Iterable[tuple[str, str]], out: TextIO) -> None:
-    """A title, then `label  value` rows with the labels aligned."""
-    rows = list(rows)
-    width = max(len(label) for label, _ in rows)
-    print(title, file=out)
-    for label, value in rows:
-        print(f"  {label:<{width}}  {value}", file=out)
 
 
 def _print_table(result: Result, out: TextIO) -> None:

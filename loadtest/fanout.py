@@ -4,8 +4,10 @@
         [--ceiling-duration 5] [--subscribers 100] [--workers 4] [--json]
 
 Starts its own `redis-server` (free port, no RDB, no AOF) and two hubs on it
-(`python -m hub serve`, HUB_LOG_LEVEL=WARNING), all on 127.0.0.1, and stops everything at the
-end, on an error or on Ctrl-C. Clients run in worker processes (`loadtest._subscriber`), never in
+(`python -m hub serve`, HUB_LOG_LEVEL=WARNING, HUB_WRITE_RATE=0, --max-concurrent-streams
+10000), all on 127.0.0.1, and stops everything at the end, on an error or on Ctrl-C. Its steps
+(fanout_step, latency_step, ceiling_step) are also the fan-out and latency sections of
+`loadtest.bench`. Clients run in worker processes (`loadtest._subscriber`), never in
 this one. Three measurements:
 
 1. Fan-out: --subscribers Sync streams for all users (--workers processes, half of them on hub
@@ -14,10 +16,11 @@ this one. Three measurements:
    --updaters). delivered events/s = events received by all subscribers / (last event received
    - first write). After a drain period every subscriber must have received exactly as many
    events as were written (LOSS otherwise). A subscriber cut with RESOURCE_EXHAUSTED resumes with
-   its `hub-resume-token`; the cuts are counted. CPU% of every process is sampled from /proc.
+   its `hub-resume-token`; the cuts are counted. CPU% of every process is sampled (psutil).
 2. Latency: --latency-subscribers streams (half per hub) while a writer creates users through
-   hub A at a paced --latency-rate per second for --latency-duration s; each subscriber records
-   now - event.written_at (same machine clock): p50/p99/p99.9/max.
+   hub A at a paced --latency-rate per second for --latency-duration s (--latency-batch rows
+   per call); each subscriber records now - event.written_at (same machine clock):
+   p50/p99/p99.9/max.
 3. Ceiling: a bare grpc.aio server process streams pre-encoded SyncResponses (the mean batch size
    step 1's subscribers saw, made of an event step 1 delivered) to the same number of streams,
    read by the same worker code and deserializer, for --ceiling-duration s.
@@ -40,33 +43,31 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import grpc.aio
-
 from hub.api.user.v1 import common_pb2
-from loadtest.bulk_import import (
+from loadtest._bench_procs import (
     BenchError,
-    _cpu_model,
-    _cpu_seconds,
-    _free_port,
-    _nproc,
-    _start_redis,
-    _stop,
-    _tail,
-    _wait_serving,
+    Child,
+    Children,
+    CpuMeter,
+    Hub,
+    cpu_model,
+    free_port,
+    log_summary,
+    nproc,
     print_table,
+    start_hub,
+    start_redis,
+    stop,
+    tail,
+    wait_hub,
 )
 
-_ROOT = Path(__file__).resolve().parent.parent
-_CPU_STEP = 0.25
-_CPU_SAMPLES = 4_000  # bounds the sampler (~17 min at one sample per 0.25 s)
 _REPLY_TIMEOUT = 60.0
-_LINE_LIMIT = 256 * 1024 * 1024  # a worker's stats line (latency samples) can be large
 _MAX_DURATION = 120.0
 _STALLED = 5.0
 
@@ -144,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          " at most 2000")
     if not 0 < args.latency_rate <= 10_000:
         parser.error("--latency-rate must be above 0 and at most 10000")
+    if not 1 <= args.latency_batch <= 500:
+        parser.error("--latency-batch must be 1 to 500")
     try:
         result = run(args)
     except BenchError as exc:
@@ -175,6 +178,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--workers", type=int, default=4, help="subscriber processes (even; default 4)")
     add("--latency-subscribers", type=int, default=20, help="Sync streams (default 20)")
     add("--latency-rate", type=float, default=200.0, help="paced writes/s (default 200)")
+    add("--latency-batch", type=int, default=1,
+        help="rows per paced write: 1 is CreateUser, more is one BulkCreateUsers call of that"
+        " many rows (default 1)")
     add("--bulk-streams", type=int, default=16,
         help="concurrent BulkCreateUsers calls of the fan-out writer (default 16)")
     add("--batch", type=int, default=500, help="rows per BulkCreateUsers call (default 500)")
@@ -190,167 +196,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-# -- processes --------------------------------------------------------------------------------
-
-
-class _Child:
-    """A worker process (`loadtest._subscriber`) spoken to in JSON lines."""
-
-    def __init__(self, name: str, proc: asyncio.subprocess.Process, log: Path) -> None:
-        self.name, self.proc, self.log = name, proc, log
-
-    @classmethod
-    async def start(cls, name: str, workdir: Path, *argv: str) -> _Child:
-        log = workdir / f"{name.replace(' ', '-')}.log"
-        with log.open("wb") as err:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "loadtest._subscriber", *argv,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                cwd=_ROOT, limit=_LINE_LIMIT,
-            )
-        return cls(name, proc, log)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    async def send(self, **command: Any) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(command).encode() + b"\n")
-        with contextlib.suppress(ConnectionError):
-            await self.proc.stdin.drain()
-
-    async def recv(self, within: float = _REPLY_TIMEOUT) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        try:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), within)
-        except TimeoutError:
-            raise BenchError(f"{self.name}: no reply within {within:.0f}s") from None
-        if not line:
-            await asyncio.wait_for(self.proc.wait(), 5)
-            raise BenchError(f"{self.name} exited with code {self.proc.returncode}\n"
-                             f"{_tail(self.log).replace('hub log', 'its log')}")
-        reply: dict[str, Any] = json.loads(line)
-        return reply
-
-    async def close(self) -> None:
-        if self.proc.returncode is None:
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await self.send(cmd="stop")
-                assert self.proc.stdin is not None
-                self.proc.stdin.close()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 5)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-
-
-class _Children:
-    """Every worker started, so that each is stopped whatever happens."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.all: list[_Child] = []
-
-    async def start(self, name: str, *argv: str) -> _Child:
-        child = await _Child.start(name, self.workdir, *argv)
-        self.all.append(child)
-        return child
-
-    async def ready(self, children: list[_Child]) -> list[dict[str, Any]]:
-        replies = await asyncio.gather(*(c.recv() for c in children))
-        for child, reply in zip(children, replies, strict=True):
-            if not reply.get("ready"):
-                raise BenchError(f"{child.name} not ready: {reply.get('errors')}")
-        return list(replies)
-
-    async def close(self, children: list[_Child] | None = None) -> None:
-        chosen = self.all if children is None else children
-        await asyncio.gather(*(c.close() for c in chosen), return_exceptions=True)
-        self.all = [c for c in self.all if c not in chosen]
-
-
-@dataclass
-class _Hub:
-    name: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-
-def _start_hub(name: str, redis_url: str, workdir: Path, extra_env: dict[str, str]) -> _Hub:
-    port = _free_port()
-    log = workdir / f"hub-{name}.log"
-    env = {**os.environ, "HUB_LOG_LEVEL": "WARNING", **extra_env}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "hub", "serve", "--host", "127.0.0.1", "--port", str(port),
-             "--redis-url", redis_url, "--shutdown-grace", "2"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=_ROOT,
-        )
-    return _Hub(name, proc, port, log)
-
-
-# -- CPU --------------------------------------------------------------------------------------
-
-
-def _system_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
-    try:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return 0, 0
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    total = sum(values[:8])  # guest time is already counted in user
-    return total - idle, total
-
-
-def _cpu_snapshot(pids: dict[str, int]) -> tuple[float, dict[str, float], tuple[int, int]]:
-    cpu = {label: _cpu_seconds(pid) for label, pid in pids.items()}
-    return time.time(), {k: v for k, v in cpu.items() if v is not None}, _system_jiffies()
-
-
-class _CpuMeter:
-    """Samples the CPU time of the given processes (and of the machine) every 0.25 s."""
-
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.pids = pids
-        self.samples: list[tuple[float, dict[str, float], tuple[int, int]]] = []
-
-    async def run(self) -> None:
-        while len(self.samples) < _CPU_SAMPLES:
-            self.samples.append(_cpu_snapshot(self.pids))
-            await asyncio.sleep(_CPU_STEP)
-
-    def percent(self, start: float, end: float) -> dict[str, float]:
-        """% of one core per process between the samples nearest to start and end, plus
-        `system busy` as % of all cores."""
-        if len(self.samples) < 2:
-            return {}
-        a = min(self.samples, key=lambda s: abs(s[0] - start))
-        b = min(self.samples, key=lambda s: abs(s[0] - end))
-        wall = b[0] - a[0]
-        if wall <= 0:
-            return {}
-        out = {label: round((b[1][label] - a[1][label]) / wall * 100, 1)
-               for label in self.pids if label in a[1] and label in b[1]}
-        ours = sum(out.values())
-        subs = [v for k, v in out.items() if k.startswith("sub ")]
-        if subs:
-            out["subscribers (sum)"] = round(sum(subs), 1)
-        busy, total = b[2][0] - a[2][0], b[2][1] - a[2][1]
-        if total > 0:
-            cores = _nproc()
-            out["kernel + other processes"] = round(max(0.0, busy / total * cores * 100 - ours), 1)
-            out["system busy (% of all cores)"] = round(busy / total * 100, 1)
-        return out
-
-
 # -- the run ----------------------------------------------------------------------------------
 
 
@@ -359,91 +204,79 @@ def run(args: argparse.Namespace) -> Result:
     with tempfile.TemporaryDirectory(prefix="hub-fanout-") as tmp, \
             contextlib.ExitStack() as stack:
         workdir = Path(tmp)
-        redis_proc, redis_url = _start_redis(workdir)
-        stack.callback(_stop, redis_proc)
-        hubs: list[_Hub] = []
+        redis_proc, redis_url = start_redis(workdir)
+        stack.callback(stop, redis_proc)
+        hubs: list[Hub] = []
         extra_env = {} if args.subscriber_max_events is None else \
             {"HUB_SUBSCRIBER_MAX_EVENTS": str(args.subscriber_max_events)}
         for name in "AB":
-            hub = _start_hub(name, redis_url, workdir, extra_env)
-            stack.callback(_stop, hub.proc)
+            hub = start_hub(name, redis_url, workdir, extra_env)
+            stack.callback(stop, hub.proc)
             hubs.append(hub)
         try:
             result = asyncio.run(_measure(args, workdir, redis_proc, hubs))
         except BenchError as exc:
-            tails = "\n".join(_tail(h.log).replace("hub log", f"hub {h.name} log") for h in hubs)
+            tails = "\n".join(tail(h.log, what=f"hub {h.name} log") for h in hubs)
             raise BenchError(f"{exc}\n{tails}") from None
-        warnings = [f"hub {h.name}: {line}" for h in hubs for line in _log_summary(h.log)]
+        warnings = [f"hub {h.name}: {line}" for h in hubs for line in log_summary(h.log)]
         return Result(**{**result, "hub_log_warnings": warnings})
 
 
-def _log_summary(log: Path) -> list[str]:
-    """The hub's log (WARNING and up) in counts: records per level, access-log endings per
-    method and status, and each distinct exception line of a traceback."""
-    try:
-        lines = log.read_text(errors="replace").splitlines()
-    except OSError:
-        return []
-    counts: Counter[str] = Counter()
-    for line in lines:
-        parts = line.split(" ", 4)  # date, time, level, logger, message
-        if len(parts) == 5 and parts[2] in ("WARNING", "ERROR", "CRITICAL"):
-            if parts[3] == "hub.access":
-                method, _, rest = parts[4].partition(" ")
-                counts[f"{parts[2]} access {method.rsplit('/', 1)[-1]} {rest.split(' ')[0]}"] += 1
-            else:
-                counts[f"{parts[2]} {parts[3]}: {parts[4][:100]}"] += 1
-        elif line[:1].isalpha() and ("Error" in line or "Exception" in line) and ":" in line:
-            counts[f"exception {line[:160]}"] += 1
-    return [f"{n} x {what}" for what, n in counts.most_common(10)]
-
-
 async def _measure(args: argparse.Namespace, workdir: Path,
-                   redis_proc: subprocess.Popen[bytes], hubs: list[_Hub]) -> dict[str, Any]:
+                   redis_proc: subprocess.Popen[bytes], hubs: list[Hub]) -> dict[str, Any]:
     for hub in hubs:
-        async with grpc.aio.insecure_channel(hub.target) as channel:
-            await _wait_serving(channel, hub.proc)
-    children = _Children(workdir)
-    base_pids = {f"hub {h.name}": h.proc.pid for h in hubs}
-    base_pids |= {"redis": redis_proc.pid, "harness": os.getpid()}
+        await wait_hub(hub)
+    children = Children(workdir)
+    base_pids = hub_pids(hubs) | {"redis": redis_proc.pid, "harness": os.getpid()}
     try:
-        fanout, fan_writes, fan_cpu, sample = await _fanout_step(args, children, hubs, base_pids)
-        latency, lat_writes, samples = await _latency_step(args, children, hubs)
-        batch = max(1, round(fanout.mean_batch))
-        ceiling, ceil_cpu, message_bytes = await _ceiling_step(
-            args, children, batch, sample, {"harness": os.getpid()})
+        fan = await fanout_step(args, children, hubs, base_pids)
+        lat = await latency_step(args, children, hubs, base_pids)
+        batch = max(1, round(fan.delivery.mean_batch))
+        ceiling, ceil_cpu, message_bytes = await ceiling_step(
+            args, children, batch, fan.sample, {"harness": os.getpid()})
     finally:
         await children.close()
-    problems = []
-    for step, delivery in (("fan-out", fanout), ("latency", latency)):
-        if delivery.lost_subscribers:
-            problems.append(f"{step}: {delivery.lost_subscribers} of {delivery.subscribers}"
-                            f" subscribers got fewer than {delivery.expected} events"
-                            f" (min {delivery.min_per_subscriber};"
-                            f" {delivery.stalled_subscribers} of them stalled)")
-        if delivery.extra_subscribers:
-            problems.append(f"{step}: {delivery.extra_subscribers} subscribers got more than"
-                            f" {delivery.expected} (max {delivery.max_per_subscriber})")
-    for step, writes in (("fan-out", fan_writes), ("latency", lat_writes)):
-        if writes.unknown:
-            problems.append(f"{step}: {writes.unknown} writes of unknown outcome")
+    problems = [*loss_problems("fan-out", fan.delivery, fan.writes),
+                *loss_problems("latency", lat.delivery, lat.writes)]
     return {
-        "fanout": fanout, "fanout_writes": fan_writes, "fanout_cpu": fan_cpu,
+        "fanout": fan.delivery, "fanout_writes": fan.writes, "fanout_cpu": fan.cpu,
         "ceiling": ceiling, "ceiling_cpu": ceil_cpu, "ceiling_batch": batch,
         "ceiling_message_bytes": message_bytes,
-        "ratio": round(fanout.events_per_s / ceiling.events_per_s, 3)
+        "ratio": round(fan.delivery.events_per_s / ceiling.events_per_s, 3)
         if ceiling.events_per_s else 0.0,
-        "latency": latency, "latency_writes": lat_writes,
-        "latency_ms": _percentiles(samples),
+        "latency": lat.delivery, "latency_writes": lat.writes,
+        "latency_ms": percentiles(lat.samples),
         "loss": "; ".join(problems) or "OK",
         "hub_log_warnings": [],
-        "nproc": _nproc(), "cpu": _cpu_model(), "python": platform.python_version(),
+        "nproc": nproc(), "cpu": cpu_model(), "python": platform.python_version(),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
     }
 
 
-async def _start_subscribers(children: _Children, count: int, workers: int,
-                             targets: list[str], prefix: str, *flags: str) -> list[_Child]:
+def hub_pids(hubs: list[Hub]) -> dict[str, int]:
+    """CpuMeter labels of the hubs (each counted with its --workers children)."""
+    return {f"hub {h.name}": h.proc.pid for h in hubs}
+
+
+def loss_problems(step: str, delivery: Delivery, writes: Writes) -> list[str]:
+    """What a step lost, duplicated or could not account for; empty when every subscriber got
+    exactly what was written."""
+    problems = []
+    if delivery.lost_subscribers:
+        problems.append(f"{step}: {delivery.lost_subscribers} of {delivery.subscribers}"
+                        f" subscribers got fewer than {delivery.expected} events"
+                        f" (min {delivery.min_per_subscriber};"
+                        f" {delivery.stalled_subscribers} of them stalled)")
+    if delivery.extra_subscribers:
+        problems.append(f"{step}: {delivery.extra_subscribers} subscribers got more than"
+                        f" {delivery.expected} (max {delivery.max_per_subscriber})")
+    if writes.unknown:
+        problems.append(f"{step}: {writes.unknown} writes of unknown outcome")
+    return problems
+
+
+async def _start_subscribers(children: Children, count: int, workers: int,
+                             targets: list[str], prefix: str, *flags: str) -> list[Child]:
     """`workers` processes of count/workers streams; the first half on targets[0]."""
     per = count // workers
     return [await children.start(
@@ -451,65 +284,90 @@ async def _start_subscribers(children: _Children, count: int, workers: int,
         "--streams", str(per), *flags) for n in range(workers)]
 
 
-async def _fanout_step(
-    args: argparse.Namespace, children: _Children, hubs: list[_Hub], base_pids: dict[str, int],
-) -> tuple[Delivery, Writes, dict[str, float], tuple[str, str]]:
+@dataclass(frozen=True)
+class FanoutStep:
+    delivery: Delivery
+    writes: Writes
+    cpu: dict[str, float]
+    sample: tuple[str, str]  # a delivered event (base64) and a resume token, for the ceiling
+
+
+async def fanout_step(args: argparse.Namespace, children: Children, hubs: list[Hub],
+                      base_pids: dict[str, int]) -> FanoutStep:
+    """args.subscribers streams over both hubs while one writer creates (and updates) through
+    hubs[0] as fast as it can for args.duration s, then a drain and a count per subscriber."""
     subs = await _start_subscribers(children, args.subscribers, args.workers,
                                     [h.target for h in hubs], "sub")
     writer = await children.start(
         "writer", "writer", "--target", hubs[0].target, "--bulk-streams", str(args.bulk_streams),
         "--batch", str(args.batch), "--updaters", str(args.updaters))
-    await children.ready([*subs, writer])
-    meter = _CpuMeter({**base_pids, "writer": writer.pid,
-                       **{c.name: c.pid for c in subs}})
-    sampler = asyncio.create_task(meter.run())
     try:
-        start_at = time.time() + 0.5
-        await writer.send(cmd="go", start_at=start_at, duration=args.duration)
-        reply = await writer.recv(args.duration + 120)
-        writes = _writes(reply)
-        expected = writes.created + writes.updated
-        stats = await _drain(subs, expected, args.drain_timeout)
+        await children.ready([*subs, writer])
+        meter = CpuMeter({**base_pids, "writer": writer.pid, **{c.name: c.pid for c in subs}},
+                         trees=hub_pids(hubs))
+        async with meter.running():
+            start_at = time.time() + 0.5
+            await writer.send(cmd="go", start_at=start_at, duration=args.duration)
+            reply = await writer.recv(args.duration + 120)
+            writes = _writes(reply)
+            expected = writes.created + writes.updated
+            stats = await _drain(subs, expected, args.drain_timeout)
     finally:
-        sampler.cancel()
         await children.close()
     delivery = _delivery(stats, expected, reply["started"], reply["ended"])
     cpu = meter.percent(reply["started"], reply["started"] + delivery.window_s)
     sample = next(((s["sample_event"], s["sample_token"]) for s in stats if s["sample_event"]),
                   ("", ""))
-    return delivery, writes, cpu, sample
+    return FanoutStep(delivery, writes, cpu, sample)
 
 
-async def _latency_step(
-    args: argparse.Namespace, children: _Children, hubs: list[_Hub],
-) -> tuple[Delivery, Writes, list[float]]:
+@dataclass(frozen=True)
+class LatencyStep:
+    delivery: Delivery
+    writes: Writes
+    samples: list[float]  # ms, written_at -> received, one per event per subscriber
+    cpu: dict[str, float]
+
+
+async def latency_step(args: argparse.Namespace, children: Children, hubs: list[Hub],
+                       base_pids: dict[str, int]) -> LatencyStep:
+    """args.latency_subscribers streams over both hubs while a writer creates through hubs[0]
+    at a paced args.latency_rate per second (args.latency_batch rows per call)."""
     subs = await _start_subscribers(children, args.latency_subscribers, args.workers,
                                     [h.target for h in hubs], "latency sub", "--latency")
     writer = await children.start(
         "latency writer", "writer", "--target", hubs[0].target,
-        "--rate", str(args.latency_rate))
+        "--rate", str(args.latency_rate), "--rate-batch", str(args.latency_batch))
     try:
         await children.ready([*subs, writer])
-        start_at = time.time() + 0.5
-        await writer.send(cmd="go", start_at=start_at, duration=args.latency_duration)
-        reply = await writer.recv(args.latency_duration + 60)
-        writes = _writes(reply)
-        expected = writes.created
-        stats = await _drain(subs, expected, args.drain_timeout)
+        meter = CpuMeter({**base_pids, "writer": writer.pid,
+                          **{c.name.removeprefix("latency "): c.pid for c in subs}},
+                         trees=hub_pids(hubs))
+        async with meter.running():
+            start_at = time.time() + 0.5
+            await writer.send(cmd="go", start_at=start_at, duration=args.latency_duration)
+            reply = await writer.recv(args.latency_duration + 60)
+            writes = _writes(reply)
+            expected = writes.created
+            stats = await _drain(subs, expected, args.drain_timeout)
     finally:
         await children.close()
     samples = [x for s in stats for x in s["samples"]]
-    return _delivery(stats, expected, reply["started"], reply["ended"]), writes, samples
+    delivery = _delivery(stats, expected, reply["started"], reply["ended"])
+    cpu = meter.percent(reply["started"], reply["ended"])
+    return LatencyStep(delivery, writes, samples, cpu)
 
 
-async def _ceiling_step(
-    args: argparse.Namespace, children: _Children, batch: int, sample: tuple[str, str],
+async def ceiling_step(
+    args: argparse.Namespace, children: Children, batch: int, sample: tuple[str, str],
     base_pids: dict[str, int],
 ) -> tuple[Delivery, dict[str, float], int]:
+    """The same subscriber code reading a bare grpc.aio server that streams pre-encoded
+    SyncResponses of `batch` copies of the sample event to args.subscribers streams."""
     event, token = sample
-    if not event:  # step 1 delivered nothing: a synthetic event of the same shape
+    if not event:  # the fan-out step delivered nothing: a synthetic event of the same shape
         event = base64.b64encode(_synthetic_event()).decode()
-    port = _free_port()
+    port = free_port()
     server = await children.start(
         "raw server", "raw-server", "--port", str(port), "--event", event,
         "--batch", str(batch), "--token", token)
@@ -518,17 +376,14 @@ async def _ceiling_step(
         subs = await _start_subscribers(children, args.subscribers, args.workers,
                                         [f"127.0.0.1:{port}"], "ceiling sub", "--raw")
         await children.ready(subs)
-        meter = _CpuMeter({**base_pids, "raw server": server.pid,
-                           **{c.name.removeprefix("ceiling "): c.pid for c in subs}})
-        sampler = asyncio.create_task(meter.run())
-        start_at = time.time() + 0.5
-        stop_at = start_at + args.ceiling_duration
-        try:
+        meter = CpuMeter({**base_pids, "raw server": server.pid,
+                          **{c.name.removeprefix("ceiling "): c.pid for c in subs}})
+        async with meter.running():
+            start_at = time.time() + 0.5
+            stop_at = start_at + args.ceiling_duration
             for sub in subs:
                 await sub.send(cmd="start", start_at=start_at, stop_at=stop_at)
             stats = await _drain(subs, None, args.ceiling_duration + args.drain_timeout)
-        finally:
-            sampler.cancel()
     finally:
         await children.close()
     delivery = _delivery(stats, None, start_at, stop_at)
@@ -546,7 +401,7 @@ def _synthetic_event() -> bytes:
     return event.SerializeToString()
 
 
-async def _drain(subs: list[_Child], expected: int | None, within: float) -> list[dict[str, Any]]:
+async def _drain(subs: list[Child], expected: int | None, within: float) -> list[dict[str, Any]]:
     for sub in subs:
         await sub.send(cmd="drain", expected=expected, timeout=within)
     return list(await asyncio.gather(*(s.recv(within + _REPLY_TIMEOUT) for s in subs)))
@@ -603,7 +458,7 @@ def _delivery(stats: list[dict[str, Any]], expected: int | None, start: float,
     )
 
 
-def _percentiles(samples: list[float]) -> dict[str, float]:
+def percentiles(samples: list[float]) -> dict[str, float]:
     if not samples:
         return {"samples": 0}
     ordered = sorted(samples)
