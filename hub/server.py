@@ -87,6 +87,7 @@ def make_store(settings: Settings) -> Store:
         return RedisStore.from_url(
             settings.redis_url, partitions=settings.partitions,
             history_size=settings.history_size, history_max_age=settings.history_max_age,
+            pool_size=settings.redis_pool_size,
         )
     return MemoryStore(settings.partitions, settings.history_size, settings.history_max_age)
 

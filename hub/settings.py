@@ -41,6 +41,8 @@ class Settings:
     partitions: int = _setting(
         16, "event partitions; a user's events share one, so each is ordered per user."
         " Every instance on one Redis must use the same count")
+    redis_pool_size: int = _setting(
+        64, "Redis connections per process; store calls beyond it wait for a free one")
     history_size: int = _setting(10_000, "events kept per partition for resuming subscribers")
     history_max_age: float = _setting(86_400.0, "seconds an event stays in the history")
     shutdown_grace: float = _setting(
@@ -113,7 +115,8 @@ class Settings:
         if self.metrics_port and self.metrics_port + self.worker_count - 1 > 65535:
             raise ValueError(f"metrics ports {self.metrics_port}.."
                              f"{self.metrics_port + self.worker_count - 1} exceed 65535")
-        positive = ("partitions", "history_size", "history_max_age", "max_message_bytes",
+        positive = ("partitions", "redis_pool_size", "history_size", "history_max_age",
+                    "max_message_bytes",
                     "password_hash_concurrency", "bulk_batch_size", "heartbeat_interval",
                     "subscriber_max_events", "subscriber_max_bytes", "max_subscription_users",
                     "max_subscribes_per_stream", "max_page_size", "bulk_max_rows",

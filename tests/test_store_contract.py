@@ -577,3 +577,15 @@ async def test_history_forgets_events_older_than_its_age_limit(redis_url: str) -
             assert [e.offset for e in history] == [fresh.offset] == [2], type(store).__name__
         finally:
             await store.aclose()
+
+
+@pytest.mark.redis
+async def test_redis_calls_beyond_the_pool_wait_for_a_connection(redis_url: str) -> None:
+    store = RedisStore.from_url(redis_url, pool_size=4, partitions=8)
+    try:
+        created = await store.create(row("ada@x.io"))
+        # 50 times the pool: every call waits its turn rather than failing as unavailable.
+        users = await asyncio.gather(*(store.get(created.user.id) for _ in range(200)))
+        assert {u.id for u in users} == {created.user.id}
+    finally:
+        await store.aclose()

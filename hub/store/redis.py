@@ -136,11 +136,15 @@ class RedisStore:
         self._offsets, self._epoch = f"{prefix}:offsets", f"{prefix}:epoch"
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> RedisStore:
-        client = aioredis.Redis.from_url(
-            url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=10
+    def from_url(cls, url: str, pool_size: int = 64, **kwargs: Any) -> RedisStore:
+        # A blocking pool: a burst of store calls beyond pool_size waits for a connection
+        # (up to the socket timeout) instead of failing at once, as redis-py's default pool
+        # does past its limit, which callers would see as UNAVAILABLE.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=pool_size, timeout=5,
+            socket_connect_timeout=2, socket_timeout=5, health_check_interval=10,
         )
-        return cls(client, **kwargs)
+        return cls(aioredis.Redis.from_pool(pool), **kwargs)
 
     def _user_key(self, user_id: str) -> str:
         return f"{self._p}:user:{user_id}"
