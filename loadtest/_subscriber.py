@@ -19,7 +19,7 @@ worker outlives the benchmark. All loops are bounded in count and in time.
   Commands: {"cmd": "start", "start_at": t, "stop_at": t} (raw only), {"cmd": "drain",
   "expected": n | null, "timeout": s} (replies with the stats once every stream has n events,
   or has ended, or the timeout passed), {"cmd": "stop"}.
-- `writer`: creates (BulkCreateUsers batches, plus optional concurrent UpdateUser loops) as
+- `writer`: creates (ImportUsers batches, plus optional concurrent UpdateUser loops) as
   fast as it can, or creates paced at --rate per second with CreateUser (or, with
   --rate-batch K, one BulkCreateUsers call of K rows every K/rate s). Commands:
   {"cmd": "go", "start_at": t, "duration": s} (replies with what was written), {"cmd": "stop"}.
@@ -341,7 +341,8 @@ class _Writer:
                 status=common_pb2.USER_STATUS_ACTIVE) for _ in range(rows)]
             self.stats.calls += 1
             try:
-                response = await self.users.BulkCreateUsers(iter(batch), timeout=60)
+                response = await self.users.ImportUsers(
+                    iter([user_service_pb2.ImportUsersRequest(users=batch)]), timeout=60)
             except grpc.aio.AioRpcError as err:
                 self.stats.error(err)
                 self.stats.unknown += rows
@@ -389,7 +390,8 @@ class _Writer:
     async def create_batch(self, requests: list[user_service_pb2.CreateUserRequest],
                            slots: asyncio.Semaphore) -> None:
         try:
-            response = await self.users.BulkCreateUsers(iter(requests), timeout=30)
+            response = await self.users.ImportUsers(
+                iter([user_service_pb2.ImportUsersRequest(users=requests)]), timeout=30)
             self.stats.created += response.created_count
             self.stats.refused += len(response.errors)
         except grpc.aio.AioRpcError as err:
@@ -400,7 +402,7 @@ class _Writer:
 
     async def paced(self, start_at: float, duration: float) -> None:
         """rate writes/s, `rate_batch` rows per call: one CreateUser each, or (where one
-        Python client cannot make thousands of unary calls a second) a BulkCreateUsers call
+        Python client cannot make thousands of unary calls a second) an ImportUsers call
         of rate_batch rows every rate_batch/rate s."""
         rate, rows = self.args.rate, self.args.rate_batch
         slots = asyncio.Semaphore(self.args.max_inflight)

@@ -17,7 +17,7 @@ Sections (--only picks some; all of them take about 3 minutes on 2 cores, --quic
   raw grpc.aio server streaming pre-encoded SyncResponses of the same batch size to the same
   subscriber code.
 - latency: write->delivery p50/p99/p99.9 at paced write rates (default 200, 1000 and 5000/s)
-  with 20 subscribers on 2 instances. Above 500 writes/s the writer sends BulkCreateUsers
+  with 20 subscribers on 2 instances. Above 500 writes/s the writer sends ImportUsers
   calls of rate/500 rows (one Python process cannot pace thousands of unary calls a second);
   the achieved rate is reported beside the target.
 - bulk: BulkCreateUsers users/s, one row per message, one stream. Ceilings: a raw grpc.aio
