@@ -5,7 +5,8 @@
         tg.create_task(fanout.run())            # the one listener (and its auditor)
         sub = await fanout.open(users=None)     # all users, live from now
         try:
-            items, position = await sub.next_batch(timeout=15)
+            await sub.wait()                    # events arrived (or sub.wake() was called)
+            items, position = sub.drain()       # raises the error that ended it, if any
         finally:
             sub.close()
 
@@ -25,7 +26,6 @@ is drained: every matching event up to it has been handed over, none after it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -65,7 +65,15 @@ class Limits:
 
 
 class Subscription:
-    """A bounded buffer of encoded events for one stream, filled by the engine."""
+    """A bounded buffer of encoded events for one stream, filled by the engine.
+
+    There is one per open stream and most streams are idle, so it holds as little as it can
+    while idle: slots, no buffer until an event arrives, and no Event/timer to wait on, just
+    a future made when its owner waits.
+    """
+
+    __slots__ = ("_bytes", "_engine", "_items", "_latest", "_limits", "_waiter", "_woken",
+                 "conflate", "error", "origin", "users")
 
     def __init__(
         self, engine: Fanout, users: set[str] | None, conflate: bool, limits: Limits
@@ -74,10 +82,11 @@ class Subscription:
         self.users = users  # None: all users
         self.conflate = conflate
         self._limits = limits
-        self._items: list[Encoded] = []
-        self._latest: dict[str, Encoded] = {}  # conflated: the newest event per user
+        self._items: list[Encoded] | None = None
+        self._latest: dict[str, Encoded] | None = None  # conflated: the newest event per user
         self._bytes = 0
-        self._wake = asyncio.Event()
+        self._woken = False  # something to drain since the last drain
+        self._waiter: asyncio.Future[None] | None = None
         self.error: Exception | None = None
         # The engine position when this subscription started receiving live events.
         self.origin = engine.position()
@@ -87,12 +96,16 @@ class Subscription:
         if self.error is not None:
             return
         if self.conflate:
+            if self._latest is None:
+                self._latest = {}
             old = self._latest.pop(item.user_id, None)
             if old is not None:
                 self._bytes -= len(old.event)
             self._latest[item.user_id] = item
             count = len(self._latest)
         else:
+            if self._items is None:
+                self._items = []
             self._items.append(item)
             count = len(self._items)
         self._bytes += len(item.event)
@@ -100,45 +113,54 @@ class Subscription:
             self.fail(SlowConsumer(f"{self._limits.max_events} events"))
         elif self._bytes > self._limits.max_bytes:
             self.fail(SlowConsumer(f"{self._limits.max_bytes} bytes"))
-        self._wake.set()
+        self.wake()
 
     def fail(self, error: Exception) -> None:
-        """Ends the subscription: its owner sees `error` on its next wait."""
+        """Ends the subscription: its owner sees `error` on its next drain."""
         if self.error is None:
             self.error = error
-            self._items, self._latest, self._bytes = [], {}, 0
-            self._wake.set()
+            self._items, self._latest, self._bytes = None, None, 0
+            self.wake()
             # Stop routing to it now, not when its owner gets round to closing it (a stalled
             # stream's writer may be stuck for long); not during this routing pass, though.
             asyncio.get_running_loop().call_soon(self.close)
 
     def wake(self) -> None:
         """Lets the owner's wait return without events (e.g. change results to send)."""
-        self._wake.set()
+        if self._woken:
+            return
+        self._woken = True
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
-    async def wait(self, idle: float) -> None:
-        """Until there is something to drain, the subscription fails, or `idle` s pass."""
-        if not self._wake.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), idle)
-        if self.error is not None:
-            raise self.error
+    def wait(self) -> asyncio.Future[None]:
+        """Done once there is something to drain, the subscription failed, or `wake` was
+        called since the last drain. Only the owner waits, one wait at a time."""
+        waiter = asyncio.get_running_loop().create_future()
+        if self._woken:
+            waiter.set_result(None)
+        else:
+            self._waiter = waiter
+        return waiter
 
     def drain(self) -> tuple[list[Encoded], Position]:
         """Everything buffered, and the position that covers it (for the resume token)."""
         if self.error is not None:
             raise self.error
-        if self.conflate:
-            items, self._latest = list(self._latest.values()), {}
+        items: list[Encoded]
+        if self._latest is not None:
+            items, self._latest = list(self._latest.values()), None
         else:
-            items, self._items = self._items, []
+            items, self._items = self._items or [], None
         self._bytes = 0
-        self._wake.clear()
+        self._woken = False
         return items, self._engine.position()
 
     @property
     def pending(self) -> int:
-        return len(self._latest) if self.conflate else len(self._items)
+        buffer = self._latest if self._latest is not None else self._items
+        return len(buffer) if buffer is not None else 0
 
     def matches(self, user_id: str) -> bool:
         return self.users is None or user_id in self.users
@@ -174,6 +196,7 @@ class Fanout:
         self.partitions = store.partitions
         self.epoch = ""
         self._pos = [0] * store.partitions
+        self._position = Position("", ())  # the last one handed out
         self._all: set[Subscription] = set()
         self._by_user: dict[str, set[Subscription]] = {}
         self._lock = asyncio.Lock()  # one router at a time: listener or auditor
@@ -183,7 +206,13 @@ class Fanout:
     # -- positions --------------------------------------------------------------------------
 
     def position(self) -> Position:
-        return Position(self.epoch, tuple(self._pos))
+        offsets = tuple(self._pos)
+        last = self._position
+        if last.offsets != offsets or last.epoch != self.epoch:
+            last = self._position = Position(self.epoch, offsets)
+        # While nothing moves, every caller shares one object: each subscription keeps its
+        # origin, and 10k idle streams opened at one position need not hold 10k copies.
+        return last
 
     def queued(self) -> int:
         """Events waiting in every subscription's buffer (for the metrics endpoint)."""
@@ -205,10 +234,11 @@ class Fanout:
         With `resume`, first checks it can be continued from (see `reach`); call `replay`
         next to get the events between `resume` and the origin.
         """
-        try:
-            await asyncio.wait_for(self.ready.wait(), ready_timeout)
-        except TimeoutError:
-            raise StoreUnavailable("the event bus is not connected") from None
+        if not self.ready.is_set():
+            try:
+                await asyncio.wait_for(self.ready.wait(), ready_timeout)
+            except TimeoutError:
+                raise StoreUnavailable("the event bus is not connected") from None
         if resume is not None:
             await self.reach(resume)
         sub = Subscription(self, None, conflate, self.limits)

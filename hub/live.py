@@ -1,10 +1,14 @@
 """Live streams: UserUpdates (the seed's bidi RPC, one User per message) and the batched,
 resumable UserSyncService.Sync feed. Both share one session type.
 
-Per stream: a reader task applies the client's requests as they come; a writer task is the one
-writer of the stream, and sends whatever the subscription buffered as ONE response (so batches
-grow with load, and an idle stream gets an event as soon as it happens). Both run in a
-TaskGroup owned by the RPC handler.
+Per stream: a reader task applies the client's requests as they come; the RPC handler's own task
+is the one writer of the stream, and sends whatever the subscription buffered as ONE response
+(so batches grow with load, and an idle stream gets an event as soon as it happens). The
+handler cancels and awaits its reader before it returns, so the reader never outlives it.
+
+Heartbeats are due `heartbeat_interval` after a stream's last response. One timer per process
+(`_Heartbeats`) wakes the streams that are due, in the order of their last response, instead of
+one timer per stream: an idle stream holds only what it must.
 
 Every way a stream ends with a status goes through its subscription: the reader fails it with
 a refused request, the engine with SlowConsumer or ContinuityLost. The writer raises the error
@@ -19,14 +23,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
-from collections.abc import AsyncIterable
+from collections import OrderedDict
+from collections.abc import AsyncIterable, Iterable
 from typing import Any, TypeAlias
 
 import grpc
 
 from hub import errors, metrics, tokens
 from hub.api.user.v1 import common_pb2, user_sync_service_pb2, user_sync_service_pb2_grpc
+from hub.domain import Position
 from hub.fanout import Encoded, Fanout, Subscription
 from hub.ops import UserOps
 from hub.principal import caller
@@ -57,16 +62,75 @@ def _chunks(items: list[Encoded], budget: int) -> list[list[Encoded]]:
     return chunks
 
 
+class _Heartbeats:
+    """When each subscribed Sync stream is next due a heartbeat, on ONE timer for the process.
+
+    Every stream's next beat is (its last response) + interval, so keeping the streams in the
+    order of their last response keeps them in due order: the timer only ever looks at the
+    first one. A stream the timer wakes goes to the back too; if it could not send (a write
+    stalled on its client), it is woken again one interval later.
+    """
+
+    __slots__ = ("_due", "_interval", "_timer")
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        # OrderedDict, not dict: taking from the front and moving to the back are O(1).
+        self._due: OrderedDict[_Stream, float] = OrderedDict()  # loop time of the next beat
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, stream: _Stream) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self._interval
+        self._due[stream] = due
+        self._due.move_to_end(stream)
+        if self._timer is None:
+            self._timer = loop.call_at(due, self._fire)
+
+    def sent(self, stream: _Stream) -> None:
+        """`stream` just sent a response: its next beat is a whole interval away."""
+        if stream in self._due:
+            self.add(stream)
+
+    def discard(self, stream: _Stream) -> None:
+        self._due.pop(stream, None)
+
+    def _fire(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._due:
+            stream, due = next(iter(self._due.items()))
+            if due > now:
+                self._timer = loop.call_at(due, self._fire)
+                return
+            self._due[stream] = now + self._interval
+            self._due.move_to_end(stream)
+            stream.beat()
+
+
 class LiveStreams:
     def __init__(self, fanout: Fanout, ops: UserOps, settings: Settings) -> None:
         self.fanout = fanout
         self.ops = ops
         self.settings = settings
+        self.heartbeats = _Heartbeats(settings.heartbeat_interval)
+        self._last_token: tuple[Position | None, str] = (None, "")
+
+    def token(self, position: Position) -> str:
+        """The resume token of `position`. Idle streams all stand at the engine's one shared
+        position: encoding it once gives them one string, not a copy each."""
+        last, token = self._last_token
+        if last != position:
+            token = tokens.encode(position)
+            self._last_token = (position, token)
+        return token
 
     async def serve(self, requests: AsyncIterable[Any], context: Context, batched: bool) -> None:
         """Runs one stream until the client leaves or it fails; failures end it with a status."""
         stream: _Stream | None = None
-        error: BaseException | None = None
+        error: Exception | None = None
+        label = "sync" if batched else "user_updates"
         try:
             sub = await self.fanout.open(users=set())  # follows nobody until a Subscribe
             stream = _Stream(self, sub, context, batched)
@@ -74,22 +138,27 @@ class LiveStreams:
             expiry = asyncio.get_running_loop().call_later(
                 max(0.0, expires), sub.fail, errors.Unauthenticated("token expired")
             ) if expires != float("inf") else None
-            metrics.ACTIVE_STREAMS.labels("sync" if batched else "user_updates").inc()
+            metrics.ACTIVE_STREAMS.labels(label).inc()
+            # One task more than the handler's own, not a TaskGroup of two: per idle stream,
+            # the group, its second task and their futures and callbacks cost more than the
+            # rest of the stream's state. The guarantees are kept by hand: the reader never
+            # raises (it hands every error to the subscription, which the writer raises), and
+            # it is cancelled and awaited below whichever way the writer ends.
+            reader = asyncio.create_task(stream.read(requests))
             try:
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(stream.read(requests))
-                    tg.create_task(stream.write())
+                await stream.write()
             finally:
+                reader.cancel()
                 sub.close()
-                metrics.ACTIVE_STREAMS.labels("sync" if batched else "user_updates").dec()
+                self.heartbeats.discard(stream)
+                metrics.ACTIVE_STREAMS.labels(label).dec()
                 if expiry is not None:
                     expiry.cancel()
-        except* errors.HubError as group:
-            error = group.exceptions[0]
-        except* grpc.aio.AbortError:
+                await asyncio.wait((reader,))
+        except grpc.aio.AbortError:
             raise
-        except* Exception as group:
-            error = group.exceptions[0]
+        except Exception as exc:
+            error = exc
         if error is not None and context.done():
             # The client went away (cancelled) while a write was pending: nobody to tell.
             log.debug("stream ended by its client: %r", error)
@@ -115,46 +184,60 @@ class UserSyncService(user_sync_service_pb2_grpc.UserSyncServiceServicer):
 
 
 class _Stream:
+    # Slots, and lists made only when there is something to put in them: one of these lives
+    # for every open stream, and most are idle.
+    __slots__ = ("_active", "_batched", "_beat", "_context", "_controls", "_live", "_results",
+                 "_sub", "_subscribes", "token")
+
     def __init__(
         self, live: LiveStreams, sub: Subscription, context: Context, batched: bool
     ) -> None:
         self._live = live
-        self._fanout = live.fanout
         self._sub = sub
         self._context = context
         self._batched = batched
-        self._controls: deque[common_pb2.Subscribe | common_pb2.Unsubscribe] = deque()
-        self._results: list[user_sync_service_pb2.ChangeResult] = []
+        self._controls: list[common_pb2.Subscribe | common_pb2.Unsubscribe] | None = None
+        self._results: list[user_sync_service_pb2.ChangeResult] | None = None
         self._subscribes = 0  # Subscribe requests read so far
         self._active = False  # the writer has set up the first subscription
-        self._last_write = time.monotonic()
+        self._beat = False  # a heartbeat is due
         self.token = ""  # the resume token of the last response sent
+
+    def beat(self) -> None:
+        self._beat = True
+        self._sub.wake()
 
     # -- reader ---------------------------------------------------------------------------
 
     async def read(self, requests: AsyncIterable[Any]) -> None:
         try:
-            await self._read(requests)
+            async for request in requests:
+                await self._take(request)
+                self._sub.wake()
+                del request  # not held through the wait for the next one
         except Exception as exc:
             # Ended by the writer, between writes (see the module docstring).
             self._sub.fail(exc)
 
-    async def _read(self, requests: AsyncIterable[Any]) -> None:
-        async for request in requests:
-            kind = request.WhichOneof("request")
-            if kind == "subscribe":
-                self._check_subscribe(request.subscribe)
-                self._controls.append(request.subscribe)
-            elif kind == "unsubscribe":
-                check(*(user_id_violation(u, f"unsubscribe.user_ids[{i}]")
-                        for i, u in enumerate(request.unsubscribe.user_ids)))
-                self._controls.append(request.unsubscribe)
-            elif kind == "change":
-                await self._change(request.change)
-            else:
-                raise errors.InvalidArgument.of("request", "names no subscribe, unsubscribe"
-                                                " or change")
-            self._sub.wake()
+    async def _take(self, request: Any) -> None:
+        kind = request.WhichOneof("request")
+        if kind == "subscribe":
+            self._check_subscribe(request.subscribe)
+            self._control_later(request.subscribe)
+        elif kind == "unsubscribe":
+            check(*(user_id_violation(u, f"unsubscribe.user_ids[{i}]")
+                    for i, u in enumerate(request.unsubscribe.user_ids)))
+            self._control_later(request.unsubscribe)
+        elif kind == "change":
+            await self._change(request.change)
+        else:
+            raise errors.InvalidArgument.of("request", "names no subscribe, unsubscribe"
+                                            " or change")
+
+    def _control_later(self, request: common_pb2.Subscribe | common_pb2.Unsubscribe) -> None:
+        if self._controls is None:
+            self._controls = []
+        self._controls.append(request)
 
     def _check_subscribe(self, sub: common_pb2.Subscribe) -> None:
         self._subscribes += 1
@@ -174,7 +257,8 @@ class _Stream:
             if sub.conflate and self._subscribes > 1 else None,
         )
         if sub.resume_token:
-            tokens.decode(sub.resume_token, self._fanout.partitions, "subscribe.resume_token")
+            tokens.decode(sub.resume_token, self._live.fanout.partitions,
+                          "subscribe.resume_token")
 
     async def _change(self, change: Any) -> None:
         if not self._batched:
@@ -192,35 +276,49 @@ class _Stream:
                     result.violations.add(field=v.field, description=v.description)
             if isinstance(exc, errors.StoreUnavailable):
                 log.warning("streamed change refused: %s", exc)
+        if self._results is None:
+            self._results = []
         self._results.append(result)
 
     # -- writer ---------------------------------------------------------------------------
 
     async def write(self) -> None:
-        heartbeat = self._live.settings.heartbeat_interval
         while True:
-            await self._sub.wait(heartbeat)
+            await self._sub.wait()
             # Send what was buffered before acting on new controls: a snapshot or replay
             # response must not carry a token past events still waiting here.
-            await self._flush(heartbeat)
-            while self._controls:
-                await self._control(self._controls.popleft())
+            await self._flush()
+            if self._controls:
+                await self._act()
 
-    async def _flush(self, heartbeat: float) -> None:
+    async def _act(self) -> None:
+        """Acts on the controls read so far, and on any the reader adds meanwhile."""
+        while self._controls:
+            # Taken whole: the reader may add more while one is acted on; they are taken
+            # next, still before anything newer is flushed.
+            controls, self._controls = self._controls, None
+            for request in controls:
+                await self._control(request)
+
+    async def _flush(self) -> None:
         items, position = self._sub.drain()
-        results, self._results = self._results, []
+        results, self._results = self._results or (), None
         # Before the first subscription is set up there is no position to hand out yet.
-        token = tokens.encode(position) if self._active else self.token
-        due = self._batched and time.monotonic() - self._last_write >= heartbeat
-        if items or results or (due and self._active):
-            tail = user_sync_service_pb2.SyncResponse(resume_token=token, results=results)
-            await self._send(items, tail)
+        token = self._live.token(position) if self._active else self.token
+        beat, self._beat = self._beat, False  # only subscribed Sync streams are ever due one
+        if items or results or beat:
+            await self._send(items, token, results)
 
-    async def _send(self, items: list[Encoded], tail: user_sync_service_pb2.SyncResponse) -> None:
+    async def _send(
+        self, items: list[Encoded], token: str,
+        results: Iterable[user_sync_service_pb2.ChangeResult] = (), complete: bool = False,
+    ) -> None:
+        """Sends `items`, then a tail with `token`, `results` and snapshot_complete=`complete`
+        (UserUpdates sends only the items)."""
         # The token moves before the write: once handed to gRPC the message is queued ahead of
         # any status, so a stream cut while this write waits on a stalled client still
         # delivers it, and the token given with RESOURCE_EXHAUSTED must be past it.
-        self._last_write = time.monotonic()
+        self._live.heartbeats.sent(self)
         metrics.EVENTS_DELIVERED.inc(len(items))
         if self._batched:
             # A backlog can exceed the message size limit: it goes out in several responses.
@@ -230,42 +328,47 @@ class _Stream:
             for chunk in chunks[:-1]:
                 await self._context.write(sync_response(
                     chunk, user_sync_service_pb2.SyncResponse(resume_token=self.token)))
-            self.token = tail.resume_token
+            # `token` itself, not read back from the message: protobuf would make a new string,
+            # where idle streams can all share one (see LiveStreams.token).
+            self.token = token
+            tail = user_sync_service_pb2.SyncResponse(
+                resume_token=token, results=results, snapshot_complete=complete)
             await self._context.write(sync_response(chunks[-1], tail))
             return
         # UserUpdates sends one message per event, so a cut can fall between them: the token
         # moves only once all are handed over (a resume may repeat some; versions tell).
         for item in items:
             await self._context.write(item.user)
-        self.token = tail.resume_token
+        self.token = token
 
     async def _control(self, request: common_pb2.Subscribe | common_pb2.Unsubscribe) -> None:
         if isinstance(request, common_pb2.Unsubscribe):
             self._sub.remove_users(request.user_ids or None)
             return
+        fanout = self._live.fanout
         users: set[str] | None = set(request.user_ids) or None
         if not self._active:
             self._sub.conflate = request.conflate
             self._active = True
+            if self._batched:  # UserUpdates has no heartbeats
+                self._live.heartbeats.add(self)
         merged = None if users is None or self._sub.users is None else self._sub.users | users
         if request.resume_token:
-            start = tokens.decode(request.resume_token, self._fanout.partitions)
+            start = tokens.decode(request.resume_token, fanout.partitions)
             try:
-                await self._fanout.reach(start)
-                self._fanout.restart(self._sub, merged)
+                await fanout.reach(start)
+                fanout.restart(self._sub, merged)
                 self.token = request.resume_token
-                async for items, position in self._fanout.replay(self._sub, start):
-                    tail = user_sync_service_pb2.SyncResponse(
-                        resume_token=tokens.encode(position))
-                    await self._send(items, tail)
+                async for items, position in fanout.replay(self._sub, start):
+                    await self._send(items, tokens.encode(position))
             except errors.ContinuityLost as exc:
                 metrics.RESUMES.labels(exc.reason.lower()).inc()
                 raise
             metrics.RESUMES.labels("resumed").inc()
             return
-        self._fanout.restart(self._sub, merged)
+        fanout.restart(self._sub, merged)
         if not self.token:
-            self.token = tokens.encode(self._sub.origin)
+            self.token = self._live.token(self._sub.origin)
         if request.snapshot:
             await self._snapshot(users)
 
@@ -273,13 +376,12 @@ class _Stream:
         """The current state of `users` (None: everyone) as SNAPSHOT events. The token stays
         where it was: every change after it still arrives live, so none is lost."""
         store = self._live.ops.store
-        tail = user_sync_service_pb2.SyncResponse(resume_token=self.token)
         if users is None:
             after = ""
             while True:
                 page = await store.list_after(after, _SNAPSHOT_PAGE)
                 if page:
-                    await self._send([encode_snapshot(u) for u in page], tail)
+                    await self._send([encode_snapshot(u) for u in page], self.token)
                     after = page[-1].id
                 if len(page) < _SNAPSHOT_PAGE:
                     break
@@ -290,7 +392,6 @@ class _Stream:
                     found.append(encode_snapshot(await store.get(user_id)))
                 except errors.NotFound:
                     continue
-            await self._send(found, tail)
+            await self._send(found, self.token)
         if self._batched:
-            tail.snapshot_complete = True
-            await self._send([], tail)
+            await self._send([], self.token, complete=True)

@@ -3,6 +3,9 @@ like Redis; bad stream requests get clear statuses."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+
 import anyio
 import grpc
 import pytest
@@ -135,3 +138,55 @@ async def test_idle_stream_gets_heartbeats_with_a_token(store: object) -> None:
             beats = [await call.read() for _ in range(3)]
         assert all(not b.events and b.resume_token for b in beats)
         call.cancel()
+
+
+
+async def test_each_idle_stream_keeps_its_own_heartbeat_interval(hub: HubServer) -> None:
+    # One timer serves every stream of the process: streams that subscribed at different
+    # moments must each still get a beat per interval (0.2 s here), none starved or doubled.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}") as channel:
+        sync = UserSyncServiceStub(channel)
+        calls = []
+        for _ in range(3):
+            call = sync.Sync(timeout=30)
+            await call.write(spb.SyncRequest(subscribe=common_pb2.Subscribe()))
+            calls.append(call)
+            await anyio.sleep(0.07)
+        beats: dict[int, list[float]] = {}
+
+        async def collect(n: int, call: grpc.aio.StreamStreamCall) -> None:
+            beats[n] = []
+            for _ in range(4):
+                response = await call.read()
+                assert not response.events and response.resume_token
+                beats[n].append(anyio.current_time())
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for n, call in enumerate(calls):
+                    tg.start_soon(collect, n, call)
+        for times in beats.values():
+            gaps = [b - a for a, b in itertools.pairwise(times)]
+            assert all(gap > 0.1 for gap in gaps), gaps
+        for call in calls:
+            call.cancel()
+
+
+async def test_ended_streams_leave_no_task_behind(hub: HubServer) -> None:
+    before = len(asyncio.all_tasks())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}") as channel:
+        sync = UserSyncServiceStub(channel)
+        calls = [sync.Sync(timeout=30) for _ in range(20)]
+        for call in calls:
+            await call.write(spb.SyncRequest(subscribe=common_pb2.Subscribe(snapshot=True)))
+            while not (await call.read()).snapshot_complete:
+                pass
+        refused = sync.Sync(timeout=30)  # and one the server ends, with a status
+        await refused.write(spb.SyncRequest())
+        with pytest.raises(grpc.aio.AioRpcError):
+            await refused.read()
+        for call in calls:
+            call.cancel()
+    with anyio.fail_after(5):
+        while len(asyncio.all_tasks()) > before:
+            await anyio.sleep(0.05)
