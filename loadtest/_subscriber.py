@@ -19,9 +19,9 @@ worker outlives the benchmark. All loops are bounded in count and in time.
   Commands: {"cmd": "start", "start_at": t, "stop_at": t} (raw only), {"cmd": "drain",
   "expected": n | null, "timeout": s} (replies with the stats once every stream has n events,
   or has ended, or the timeout passed), {"cmd": "stop"}.
-- `writer`: creates (ImportUsers batches, plus optional concurrent UpdateUser loops) as
+- `writer`: creates (BulkCreateUsers batches, plus optional concurrent UpdateUser loops) as
   fast as it can, or creates paced at --rate per second with CreateUser (or, with
-  --rate-batch K, one BulkCreateUsers call of K rows every K/rate s). Commands:
+  --rate-batch K, one ImportUsers call of K rows every K/rate s). Commands:
   {"cmd": "go", "start_at": t, "duration": s} (replies with what was written), {"cmd": "stop"}.
 - `raw-server`: a bare grpc.aio server, the ceilings of `loadtest.bench`, bytes in and bytes
   out (no serializer, nothing parsed): `Stream` streams a pre-encoded SyncResponse of --batch
@@ -341,8 +341,7 @@ class _Writer:
                 status=common_pb2.USER_STATUS_ACTIVE) for _ in range(rows)]
             self.stats.calls += 1
             try:
-                response = await self.users.ImportUsers(
-                    iter([user_service_pb2.ImportUsersRequest(users=batch)]), timeout=60)
+                response = await self.users.BulkCreateUsers(iter(batch), timeout=60)
             except grpc.aio.AioRpcError as err:
                 self.stats.error(err)
                 self.stats.unknown += rows

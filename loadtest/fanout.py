@@ -12,7 +12,7 @@ this one. Three measurements:
 
 1. Fan-out: --subscribers Sync streams for all users (--workers processes, half of them on hub
    A and half on hub B, one connection per stream) while a writer process creates users through
-   hub A as fast as it can for --duration s (ImportUsers batches, plus UpdateUser loops with
+   hub A as fast as it can for --duration s (BulkCreateUsers batches, plus UpdateUser loops with
    --updaters). delivered events/s = events received by all subscribers / (last event received
    - first write). After a drain period every subscriber must have received exactly as many
    events as were written (LOSS otherwise). A subscriber cut with RESOURCE_EXHAUSTED resumes with
@@ -182,8 +182,8 @@ def _parser() -> argparse.ArgumentParser:
         help="rows per paced write: 1 is CreateUser, more is one ImportUsers call of that"
         " many rows (default 1)")
     add("--bulk-streams", type=int, default=16,
-        help="concurrent ImportUsers calls of the fan-out writer (default 16)")
-    add("--batch", type=int, default=500, help="rows per ImportUsers call (default 500)")
+        help="concurrent BulkCreateUsers calls of the fan-out writer (default 16)")
+    add("--batch", type=int, default=500, help="rows per BulkCreateUsers call (default 500)")
     add("--updaters", type=int, default=4,
         help="concurrent UpdateUser loops of the fan-out writer (default 4)")
     add("--subscriber-max-events", type=int,
