@@ -32,6 +32,11 @@ def _outcome(context: Context, exc: BaseException | None) -> grpc.StatusCode:
 class LoggingInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler; logs at INFO (WARNING for server-side failures)."""
 
+    def __init__(self) -> None:
+        # method -> (the handler, its wrapper): the registered handler of a method does not
+        # change, so its wrapper is built once rather than on every call.
+        self._wrapped: dict[str, tuple[Any, Handler]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
@@ -43,51 +48,62 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
-        def done(context: Context, started: float, exc: BaseException | None) -> None:
-            code = _outcome(context, exc)
-            seconds = time.perf_counter() - started
-            metrics.RPCS.labels(method, code.name).inc()
-            metrics.RPC_SECONDS.labels(method).observe(seconds)
-            level = logging.WARNING if code in _SERVER_FAULTS else logging.INFO
-            log.log(level, "%s %s %.1fms", method, code.name, seconds * 1000)
 
-        behaviour = (handler.unary_unary or handler.stream_unary or handler.unary_stream
-                     or handler.stream_stream)
+def _wrap(method: str, handler: Any) -> Handler:
+    requests = metrics.RPCS
+    seconds_metric = metrics.RPC_SECONDS.labels(method)
 
-        async def call(request: Any, context: Context) -> Any:
-            # Coroutine handlers: unary responses, and streams written with context.write.
-            started, exc = time.perf_counter(), None
-            try:
-                return await behaviour(request, context)
-            except BaseException as e:
-                exc = e
-                raise
-            finally:
-                done(context, started, exc)
+    def done(context: Context, started: float, exc: BaseException | None) -> None:
+        code = _outcome(context, exc)
+        seconds = time.perf_counter() - started
+        requests.labels(method, code.name).inc()
+        seconds_metric.observe(seconds)
+        level = logging.WARNING if code in _SERVER_FAULTS else logging.INFO
+        log.log(level, "%s %s %.1fms", method, code.name, seconds * 1000)
 
-        async def generate(request: Any, context: Context) -> AsyncIterator[Any]:
-            # Async-generator handlers: responses yielded one by one.
-            started, exc = time.perf_counter(), None
-            try:
-                async for item in behaviour(request, context):
-                    yield item
-            except BaseException as e:
-                exc = e
-                raise
-            finally:
-                done(context, started, exc)
+    behaviour = (handler.unary_unary or handler.stream_unary or handler.unary_stream
+                 or handler.stream_stream)
 
-        wrapped = generate if inspect.isasyncgenfunction(behaviour) else call
-        if handler.unary_unary:
-            make = grpc.unary_unary_rpc_method_handler
-        elif handler.stream_unary:
-            make = grpc.stream_unary_rpc_method_handler
-        elif handler.unary_stream:
-            make = grpc.unary_stream_rpc_method_handler
-        else:
-            make = grpc.stream_stream_rpc_method_handler
-        return make(wrapped, handler.request_deserializer, handler.response_serializer)
+    async def call(request: Any, context: Context) -> Any:
+        # Coroutine handlers: unary responses, and streams written with context.write.
+        started, exc = time.perf_counter(), None
+        try:
+            return await behaviour(request, context)
+        except BaseException as e:
+            exc = e
+            raise
+        finally:
+            done(context, started, exc)
+
+    async def generate(request: Any, context: Context) -> AsyncIterator[Any]:
+        # Async-generator handlers: responses yielded one by one.
+        started, exc = time.perf_counter(), None
+        try:
+            async for item in behaviour(request, context):
+                yield item
+        except BaseException as e:
+            exc = e
+            raise
+        finally:
+            done(context, started, exc)
+
+    wrapped = generate if inspect.isasyncgenfunction(behaviour) else call
+    if handler.unary_unary:
+        make = grpc.unary_unary_rpc_method_handler
+    elif handler.stream_unary:
+        make = grpc.stream_unary_rpc_method_handler
+    elif handler.unary_stream:
+        make = grpc.unary_stream_rpc_method_handler
+    else:
+        make = grpc.stream_stream_rpc_method_handler
+    return make(wrapped, handler.request_deserializer, handler.response_serializer)
 
 
 _SERVER_FAULTS = {
