@@ -6,6 +6,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeAlias, TypeVar
 
@@ -20,6 +21,7 @@ from hub.ops import UserOps
 from hub.principal import caller
 from hub.settings import Settings
 from hub.status import code_of, to_status
+from hub.store.base import BulkResult
 from hub.validation import (
     check,
     user_id_violation,
@@ -40,6 +42,9 @@ _BULK_FLUSH_AFTER = 0.05
 # 254-character email), and room kept free for the rest of the response.
 _ROW_RESERVE = 400
 _RESPONSE_HEADROOM = 1024
+# Store writes of one bulk stream in flight at once: with two, Redis runs one script while the
+# next is already queued behind it, and hub validates the rows after them meanwhile.
+_WRITES_IN_FLIGHT = 2
 
 
 def _unary(
@@ -202,8 +207,9 @@ class _Bulk:
         self.response = user_service_pb2.BulkCreateResponse()
         self.index = -1  # the last row read
         self._batch: list[tuple[int, NewUser]] = []
-        self._writing: asyncio.Task[None] | None = None
-        self._in_flight = 0  # rows of the write in flight, whose outcomes are not yet counted
+        self._writing: deque[tuple[list[tuple[int, NewUser]],
+                                   asyncio.Task[list[BulkResult]]]] = deque()
+        self._in_flight = 0  # rows of the writes in flight, whose outcomes are not yet counted
         self._started = time.monotonic()
         self._expires_at = caller().expires_at
         # The response lists every row's outcome, so it must stay under the message limit:
@@ -216,14 +222,9 @@ class _Bulk:
 
     async def add(self, request: user_service_pb2.CreateUserRequest | Undecodable) -> bool:
         """Takes the next row; False when the stream must stop (the rest were not read)."""
-        if not await self._admit():
+        if not self._fits() and not await self._admit():
             return False
-        try:
-            if isinstance(request, Undecodable):
-                raise request.error
-            self._batch.append((self.index, await self._ops.new_user(request)))
-        except errors.HubError as exc:
-            self.refuse(self.index, exc)
+        await self._take(request)
         if len(self._batch) >= self._batch_size or (
             self._batch and time.monotonic() - self._started > _BULK_FLUSH_AFTER
         ):
@@ -234,14 +235,9 @@ class _Bulk:
         self, requests: Sequence[user_service_pb2.CreateUserRequest]
     ) -> bool:
         for request in requests:
-            if not await self._admit():
+            if not self._fits() and not await self._admit():
                 return False
-            try:
-                self._batch.append((self.index, self._ops.new_user_without_password(request)
-                                    if not request.password
-                                    else await self._ops.new_user(request)))
-            except errors.HubError as exc:
-                self.refuse(self.index, exc)
+            await self._take(request)
             if len(self._batch) >= self._batch_size:
                 await self.flush()
         # A message is the producer's own batch: write it now rather than wait for the next.
@@ -249,8 +245,26 @@ class _Bulk:
             await self.flush()
         return True
 
-    async def _admit(self) -> bool:
+    async def _take(self, request: user_service_pb2.CreateUserRequest | Undecodable) -> None:
+        try:
+            if isinstance(request, Undecodable):
+                raise request.error
+            # Most bulk rows have no password: they skip the coroutine that hashing needs.
+            self._batch.append((self.index, self._ops.new_user_without_password(request)
+                                if not request.password
+                                else await self._ops.new_user(request)))
+        except errors.HubError as exc:
+            self.refuse(self.index, exc)
+
+    def _fits(self) -> bool:
+        """Moves to the next row; True when it fits every limit (the common case, checked
+        without a coroutine), else _admit decides."""
         self.index += 1
+        pending = len(self._batch) + self._in_flight
+        return (self.index < self._max_rows and time.time() < self._expires_at
+                and self._size + (pending + 1) * _ROW_RESERVE <= self._budget)
+
+    async def _admit(self) -> bool:
         index = self.index
         if index >= self._max_rows or time.time() >= self._expires_at:
             await self.flush()
@@ -258,41 +272,38 @@ class _Bulk:
                         if index >= self._max_rows
                         else errors.Unauthenticated("token expired; the rest were not read"))
             return False
-        pending = len(self._batch) + self._in_flight
-        if self._size + (pending + 1) * _ROW_RESERVE > self._budget:
-            await self.flush()
-            await self.settle()
-            if self._size + _ROW_RESERVE > self._budget:
-                self.refuse(index, errors.TooManyRows(index))
-                return False
+        # The response might outgrow the message limit: count the rows in flight, then look.
+        await self.flush()
+        await self.settle()
+        if self._size + _ROW_RESERVE > self._budget:
+            self.refuse(index, errors.TooManyRows(index))
+            return False
         return True
 
     async def flush(self) -> None:
-        """Starts writing the rows read so far. The write runs while the next rows are read
-        and validated; outcomes are still recorded in row order, one write at a time."""
+        """Starts writing the rows read so far. Writes run while the next rows are read and
+        validated (up to _WRITES_IN_FLIGHT at once, so Redis always has the next script
+        queued); outcomes are still recorded in row order."""
         self._started = time.monotonic()
         if not self._batch:
             return
         batch, self._batch = self._batch, []
-        await self.settle()
+        while len(self._writing) >= _WRITES_IN_FLIGHT:
+            await self._settle_oldest()
         await self._wait_for_tokens(len(batch))
-        self._in_flight = len(batch)
-        self._writing = asyncio.create_task(self._write(batch))
+        self._in_flight += len(batch)
+        self._writing.append((batch, asyncio.create_task(self._write(batch))))
 
     async def settle(self) -> None:
-        """Waits for the write in flight and records its rows' outcomes."""
-        if self._writing is not None:
-            writing, self._writing = self._writing, None
-            await writing
-            self._in_flight = 0
+        """Waits for every write in flight and records its rows' outcomes."""
+        while self._writing:
+            await self._settle_oldest()
 
-    async def _write(self, batch: list[tuple[int, NewUser]]) -> None:
-        try:
-            results = await self._store.create_many([new for _, new in batch])
-        except errors.StoreUnavailable as exc:
-            # Report every row of the failed batch: none is lost silently, and a retry of
-            # a row that did land is refused by the email index, never duplicated.
-            results = [exc] * len(batch)
+    async def _settle_oldest(self) -> None:
+        batch, writing = self._writing[0]
+        results = await writing
+        self._writing.popleft()
+        self._in_flight -= len(batch)
         ids = self.response.user_ids
         for (index, _), result in zip(batch, results, strict=True):
             if isinstance(result, errors.HubError):
@@ -301,6 +312,14 @@ class _Bulk:
                 ids.append(result.user.id)
                 self._size += len(result.user.id) + 2
 
+    async def _write(self, batch: list[tuple[int, NewUser]]) -> list[BulkResult]:
+        try:
+            return await self._store.create_many([new for _, new in batch])
+        except errors.StoreUnavailable as exc:
+            # Report every row of the failed batch: none is lost silently, and a retry of
+            # a row that did land is refused by the email index, never duplicated.
+            return [exc] * len(batch)
+
     async def finish(self) -> user_service_pb2.BulkCreateResponse:
         await self.flush()
         await self.settle()
@@ -308,13 +327,15 @@ class _Bulk:
         return self.response
 
     def abandon(self) -> None:
-        """The call ended early (cancelled, or an error): a write already sent to the store
-        still completes there, and its outcome is dropped with the call."""
-        if self._writing is not None and not self._writing.done():
-            self._writing.add_done_callback(_retrieve)
+        """The call ended early (cancelled, or an error): writes already sent to the store
+        still complete there, and their outcomes are dropped with the call."""
+        for _, writing in self._writing:
+            if not writing.done():
+                writing.add_done_callback(_retrieve)
+        self._writing.clear()
 
 
-def _retrieve(task: asyncio.Task[None]) -> None:
+def _retrieve(task: asyncio.Task[list[BulkResult]]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.debug("bulk write of an abandoned call failed", exc_info=task.exception())
 
