@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import functools
 import json
 import os
@@ -152,16 +151,16 @@ def log_summary(log: Path) -> list[str]:
     return [f"{n} x {what}" for what, n in counts.most_common(10)]
 
 
-def _die_with_parent() -> None:
-    """Runs in a child before exec (Linux): if the harness dies, even by SIGKILL, its Redis
-    and hubs die too instead of lingering on their ports. The workers need no such thing:
-    they stop when their stdin closes."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+_SETPRIV = shutil.which("setpriv") if sys.platform == "linux" else None
 
 
-_PREEXEC = _die_with_parent if sys.platform == "linux" else None
+def _dying_with_parent(argv: Sequence[str]) -> list[str]:
+    """`argv`, made to die with the harness (Linux, PR_SET_PDEATHSIG): if it dies, even by
+    SIGKILL, its Redis and hubs die too instead of lingering on their ports. setpriv sets it
+    and execs the command; Popen's preexec_fn would run Python in the forked child of a
+    process with gRPC threads, which can abort or hang there. The workers need no such
+    thing: they stop when their stdin closes."""
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv] if _SETPRIV else list(argv)
 
 
 # -- redis-server -----------------------------------------------------------------------------
@@ -175,9 +174,9 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
                          " apt-get install redis-server) or pass --redis-url")
     port = free_port()
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_PREEXEC,
+        _dying_with_parent([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                            "--appendonly", "no", "--dir", str(workdir)]),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis(port=port, socket_connect_timeout=1)
@@ -248,8 +247,8 @@ def start_hub(name: str, redis_url: str, workdir: Path, extra_env: Mapping[str, 
     if workers != 1:
         argv += ["--workers", str(workers)]
     with log.open("ab") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                preexec_fn=_PREEXEC)
+        proc = subprocess.Popen(_dying_with_parent(argv), env=env, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
     return Hub(name, proc, port, log, workers)
 
 

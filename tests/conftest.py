@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,11 +27,18 @@ from hub.store.redis import RedisStore
 REDIS_SERVER = shutil.which("redis-server")
 
 
-def die_with_parent() -> None:
-    """Runs in a child before exec: if the test run dies, its servers die too, instead of
-    lingering and talking to a later run's Redis on a reused port."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+_SETPRIV = shutil.which("setpriv")
+
+
+def dying_with_parent(command: Sequence[str]) -> list[str]:
+    """`command`, made to die with the test run (PR_SET_PDEATHSIG), instead of lingering and
+    talking to a later run's Redis on a reused port.
+
+    setpriv (util-linux) sets it and then execs the command, keeping its pid. Not Popen's
+    preexec_fn: that runs Python in the forked child of a process full of gRPC threads, and
+    a lock one of them held at fork time (malloc's) made the child abort or hang there.
+    """
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", *command] if _SETPRIV else list(command)
 
 
 @pytest.fixture(scope="session")
@@ -94,15 +99,23 @@ class RedisProcess:
     def start(self) -> None:
         if REDIS_SERVER is None:
             pytest.fail("redis-server not on PATH: install Redis 7 (apt-get install redis-server)")
+        # Redis's own log, so a server that dies on start says why in the failure.
+        log = self.dir / f"redis-{self.port}.log"
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--dir", str(self.dir),
-             *(["--appendonly", "yes", "--appendfsync", "always"] if self.persistent
-               else ["--appendonly", "no"])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
+            dying_with_parent(
+                [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                 "--dir", str(self.dir), "--logfile", str(log),
+                 *(["--appendonly", "yes", "--appendfsync", "always"] if self.persistent
+                   else ["--appendonly", "no"])]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
+
+        def died() -> None:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+            pytest.fail(f"redis-server exited with {self.proc and self.proc.returncode}:\n{tail}")
+
         with redis.Redis(port=self.port) as client:
-            wait_for_redis(client, self.proc)
+            wait_for_redis(client, self.proc, on_exit=died)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -184,9 +197,8 @@ def hub_process(tmp_path: Path) -> Iterator[Callable[..., HubProcess]]:
         log = tmp_path / f"hub-{port}.log"
         environ = {**os.environ, "HUB_PORT": str(port), "HUB_REDIS_URL": redis_url, **env}
         with log.open("wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "hub", "serve"], env=environ,
-                                    stdout=out, stderr=subprocess.STDOUT,
-                                    preexec_fn=die_with_parent)
+            proc = subprocess.Popen(dying_with_parent([sys.executable, "-m", "hub", "serve"]),
+                                    env=environ, stdout=out, stderr=subprocess.STDOUT)
         hub = HubProcess(port, proc, log)
         started.append(hub)
         _wait_serving(hub)

@@ -20,7 +20,7 @@ import jwt
 import pytest
 
 from hub.principal import READ, SUBSCRIBE, WRITE
-from tests.conftest import HubProcess, die_with_parent
+from tests.conftest import HubProcess, dying_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
@@ -66,8 +66,8 @@ def run_locust(hub: HubProcess, tmp_path: Path, classes: Sequence[str], users: i
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("LOCUST_") and k != "HUB_LOADTEST_TOKEN"}
     started = time.monotonic()
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=60, preexec_fn=die_with_parent)
+    done = subprocess.run(dying_with_parent(command), cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
     failures = tmp_path / "run_failures.csv"
     assert done.returncode == 0, (
         f"locust exited {done.returncode}\n{done.stderr[-4000:]}\n"

@@ -27,7 +27,7 @@ from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1 import user_sync_service_pb2 as spb
 from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
 from hub.api.user.v1.user_sync_service_pb2_grpc import UserSyncServiceStub
-from tests.conftest import die_with_parent, free_port
+from tests.conftest import dying_with_parent, free_port
 
 SYNC_SERVICE = "user.v1.UserSyncService"
 CREATE = "/user.v1.UserService/CreateUser"
@@ -68,11 +68,11 @@ def start_workers(tmp_path: Path) -> Iterator[Callable[..., Workers]]:
     def start(redis_url: str, *flags: str, workers: int = 2) -> Workers:
         log = tmp_path / f"workers-{len(started)}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen(
+            proc = subprocess.Popen(dying_with_parent(
                 [sys.executable, "-m", "hub", "serve", "--workers", str(workers), "--port", "0",
                  "--redis-url", redis_url, "--heartbeat-interval", "0.2",
-                 "--shutdown-grace", "2", *flags],
-                stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+                 "--shutdown-grace", "2", *flags]),
+                stdout=out, stderr=subprocess.STDOUT)
         server = Workers(proc, log, 0, [])
         started.append(server)
         deadline = time.monotonic() + 30
