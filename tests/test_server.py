@@ -13,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from hub.api.user.v1 import common_pb2
 from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
 from hub.server import SYNC_SERVICE, USER_SERVICE, HubServer
@@ -34,6 +35,19 @@ async def health_of(channel: grpc.aio.Channel, service: str) -> int:
 async def wait_health(channel: grpc.aio.Channel, want: int, timeout: float = 10) -> None:
     with anyio.fail_after(timeout):
         while await health_of(channel, USER_SERVICE) != want:
+            await anyio.sleep(0.05)
+
+
+async def create_after_restart(stub: UserServiceStub, email: str) -> common_pb2.User:
+    """The first write after Redis came back may meet a pooled connection Redis closed when
+    it went down: that write fails UNAVAILABLE (never silently), and the next one works."""
+    with anyio.fail_after(10):
+        while True:
+            try:
+                return await stub.CreateUser(pb.CreateUserRequest(email=email), timeout=5)
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
             await anyio.sleep(0.05)
 
 
@@ -64,8 +78,7 @@ async def test_readiness_follows_redis_and_writes_fail_unavailable(tmp_path: Pat
 
             redis_proc.start()  # same port; hub reconnects by itself
             await wait_health(channel, SERVING)
-            user = await stub.CreateUser(pb.CreateUserRequest(email="after@example.com"),
-                                         timeout=5)
+            user = await create_after_restart(stub, "after@example.com")
             got = await stub.GetUser(pb.GetUserRequest(user_id=user.id), timeout=5)
             assert got.email == "after@example.com"
     finally:
@@ -173,8 +186,7 @@ async def test_redis_restart_loses_nothing_acknowledged(tmp_path: Path) -> None:
             assert refused == 5
             redis_proc.start()
             await wait_health(channel, SERVING)
-            user = await stub.CreateUser(pb.CreateUserRequest(email="after@example.com"),
-                                         timeout=5)
+            user = await create_after_restart(stub, "after@example.com")
             acknowledged.append(user.id)
             listed = [u.id async for u in stub.ListUsers(pb.ListUsersRequest(), timeout=10)]
             assert listed == acknowledged

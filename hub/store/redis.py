@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import random
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from importlib.resources import files
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import msgpack
 import redis.asyncio as aioredis
@@ -51,6 +51,7 @@ from hub.store.base import BulkResult
 from hub.store.locks import KeyedLock
 
 _WRITE_LUA = files("hub.store").joinpath("write.lua").read_text()
+_T = TypeVar("_T")
 _OK, _NOT_FOUND, _EMAIL_TAKEN, _VERSION_MISMATCH, _ID_TAKEN = range(5)
 # An update without expected_version retries its read-modify-write when another writer wins
 # the race; this many losses in a row means the user is too hot to update, so say ABORTED.
@@ -88,6 +89,18 @@ def decode_batch(message: bytes) -> EventBatch:
         return out
 
     return EventBatch(epoch, partition, first, count, events)
+
+
+async def _read_again(read: Callable[[], Awaitable[_T]]) -> _T:
+    """Runs a read, and once more if its connection had been closed by Redis (a restart
+    leaves every pooled connection dead, and each fails once): a read changes nothing, so
+    repeating it on a fresh connection is safe. Writes are never repeated this way."""
+    try:
+        return await read()
+    except redis_errors.ConnectionError as exc:
+        if isinstance(exc, redis_errors.AuthenticationError | redis_errors.BusyLoadingError):
+            raise
+        return await read()
 
 
 @contextmanager
@@ -158,8 +171,9 @@ class RedisStore:
     # -- reads ----------------------------------------------------------------------------
 
     async def _read(self, user_id: str) -> tuple[User, str | None]:
+        key = self._user_key(user_id)
         with _unavailable():
-            raw = await self._r.hget(self._user_key(user_id), "d")
+            raw = await _read_again(lambda: self._r.hget(key, "d"))
         if raw is None:
             raise NotFound(user_id)
         fields = msgpack.unpackb(raw)
@@ -173,22 +187,29 @@ class RedisStore:
 
     async def list_after(self, after_id: str, limit: int) -> list[User]:
         start = f"({after_id}" if after_id else "-"
-        with _unavailable():
+
+        async def read() -> list[bytes | None]:
             ids = await self._r.zrange(self._ids, start, "+", bylex=True, offset=0, num=limit)
             if not ids:
                 return []
             async with self._r.pipeline(transaction=False) as pipe:
                 for i in ids:
                     pipe.hget(self._user_key(i.decode()), "d")
-                raws = await pipe.execute()
+                return cast(list[bytes | None], await pipe.execute())
+
+        with _unavailable():
+            raws = await _read_again(read)
         # A user deleted between the two calls is skipped, as if listed a moment later.
         return [_user_from(msgpack.unpackb(raw)) for raw in raws if raw is not None]
 
     async def history(self, partition: int, after_offset: int, limit: int) -> list[Event]:
-        with _unavailable():
-            epoch, entries = await self._r.get(self._epoch), await self._r.xrange(
+        async def read() -> tuple[bytes, list[Any]]:
+            return await self._r.get(self._epoch), await self._r.xrange(
                 self._log_key(partition), min=f"{after_offset + 1}-0", max="+", count=limit
             )
+
+        with _unavailable():
+            epoch, entries = await _read_again(read)
         out = []
         for entry_id, data in entries:
             type_, fields, ts = msgpack.unpackb(data[b"e"])
@@ -199,12 +220,16 @@ class RedisStore:
         return out
 
     async def position(self) -> Position:
-        with _unavailable():
+        async def read() -> list[Any]:
+            # SET NX only ever sets the first epoch: doing it twice is harmless.
             async with self._r.pipeline(transaction=True) as pipe:
                 pipe.set(self._epoch, secrets.token_hex(4), nx=True)
                 pipe.get(self._epoch)
                 pipe.hmget(self._offsets, list(range(self.partitions)))
-                _, epoch, offsets = await pipe.execute()
+                return cast(list[Any], await pipe.execute())
+
+        with _unavailable():
+            _, epoch, offsets = await _read_again(read)
         return Position(epoch.decode(), tuple(int(o or 0) for o in offsets))
 
     # -- writes ---------------------------------------------------------------------------
