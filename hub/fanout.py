@@ -199,6 +199,9 @@ class Fanout:
         self._position = Position("", ())  # the last one handed out
         self._all: set[Subscription] = set()
         self._by_user: dict[str, set[Subscription]] = {}
+        # Per partition, how many users some subscription here names: a batch of a partition
+        # nobody here wants is skipped without decoding it.
+        self._wanted = [0] * store.partitions
         self._lock = asyncio.Lock()  # one router at a time: listener or auditor
         self.ready = asyncio.Event()
         self.connected = False
@@ -303,7 +306,11 @@ class Fanout:
             self._all.add(sub)
         else:
             for u in users:
-                self._by_user.setdefault(u, set()).add(sub)
+                subs = self._by_user.get(u)
+                if subs is None:
+                    subs = self._by_user[u] = set()
+                    self._wanted[partition_of(u, self.partitions)] += 1
+                subs.add(sub)
 
     def _unregister(self, sub: Subscription) -> None:
         self._all.discard(sub)
@@ -313,6 +320,7 @@ class Fanout:
                 subs.discard(sub)
                 if not subs:
                     del self._by_user[u]
+                    self._wanted[partition_of(u, self.partitions)] -= 1
 
     # -- the listener -------------------------------------------------------------------------
 
@@ -383,8 +391,8 @@ class Fanout:
         if fresh <= 0:
             return  # a repair routed these already
         metrics.EVENTS_ROUTED.inc(fresh)
-        if not self._all and not self._by_user:
-            # Nobody here wants any event: take the position and skip decoding them.
+        if not self._all and not self._wanted[p]:
+            # Nobody here wants any event of this partition: take the position, skip decoding.
             self._pos[p] = batch.last_offset
             return
         for event in batch.events():
