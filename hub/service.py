@@ -145,7 +145,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         request_iterator: AsyncIterable[user_service_pb2.CreateUserRequest],
         context: Context,
     ) -> user_service_pb2.BulkCreateResponse:
-        bulk = _Bulk(self)
+        bulk = _Bulk(self._ops, self._settings)
         try:
             async for request in request_iterator:
                 if not await bulk.add(request):
@@ -161,7 +161,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         context: Context,
     ) -> user_service_pb2.BulkCreateResponse:
         # BulkCreateUsers' rows, many per message: gRPC's per-message cost is paid per batch.
-        bulk = _Bulk(self)
+        bulk = _Bulk(self._ops, self._settings)
         try:
             async for request in request_iterator:
                 if isinstance(request, Undecodable):
@@ -176,17 +176,6 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         finally:
             bulk.abandon()
 
-    async def _wait_for_tokens(self, rows: int) -> None:
-        """A bulk stream is slowed to the caller's write rate rather than refused: the
-        client-stream's flow control pushes back on the producer. Charged per batch."""
-        rows = min(rows, self._ops.limiter.burst)
-        while True:
-            try:
-                self._ops.charge(rows)
-                return
-            except errors.RateLimited as exc:
-                await asyncio.sleep(exc.retry_after)
-
     async def UserUpdates(  # type: ignore[override]
         self,
         request_iterator: AsyncIterable[user_service_pb2.UserUpdateRequest],
@@ -199,17 +188,14 @@ class _Bulk:
     """One bulk stream's rows: validated, written in batches of bulk_batch_size, and their
     outcomes collected into one BulkCreateResponse that stays under the message limit."""
 
-    def __init__(self, service: UserService) -> None:
-        self._ops, self._store = service._ops, service._store
-        self._wait_for_tokens = service._wait_for_tokens
-        settings = service._settings
+    def __init__(self, ops: UserOps, settings: Settings) -> None:
+        self._ops, self._store = ops, ops.store
         self._max_rows, self._batch_size = settings.bulk_max_rows, settings.bulk_batch_size
         self.response = user_service_pb2.BulkCreateResponse()
         self.index = -1  # the last row read
         self._batch: list[tuple[int, NewUser]] = []
         self._writing: deque[tuple[list[tuple[int, NewUser]],
                                    asyncio.Task[list[BulkResult]]]] = deque()
-        self._in_flight = 0  # rows of the writes in flight, whose outcomes are not yet counted
         self._started = time.monotonic()
         self._expires_at = caller().expires_at
         # The response lists every row's outcome, so it must stay under the message limit:
@@ -260,7 +246,8 @@ class _Bulk:
         """Moves to the next row; True when it fits every limit (the common case, checked
         without a coroutine), else _admit decides."""
         self.index += 1
-        pending = len(self._batch) + self._in_flight
+        # Rows read but not yet counted in the response: the batch and the writes in flight.
+        pending = len(self._batch) + sum(len(batch) for batch, _ in self._writing)
         return (self.index < self._max_rows and time.time() < self._expires_at
                 and self._size + (pending + 1) * _ROW_RESERVE <= self._budget)
 
@@ -291,7 +278,6 @@ class _Bulk:
         while len(self._writing) >= _WRITES_IN_FLIGHT:
             await self._settle_oldest()
         await self._wait_for_tokens(len(batch))
-        self._in_flight += len(batch)
         self._writing.append((batch, asyncio.create_task(self._write(batch))))
 
     async def settle(self) -> None:
@@ -303,7 +289,6 @@ class _Bulk:
         batch, writing = self._writing[0]
         results = await writing
         self._writing.popleft()
-        self._in_flight -= len(batch)
         ids = self.response.user_ids
         for (index, _), result in zip(batch, results, strict=True):
             if isinstance(result, errors.HubError):
@@ -311,6 +296,17 @@ class _Bulk:
             else:
                 ids.append(result.user.id)
                 self._size += len(result.user.id) + 2
+
+    async def _wait_for_tokens(self, rows: int) -> None:
+        """A bulk stream is slowed to the caller's write rate rather than refused: the
+        client-stream's flow control pushes back on the producer. Charged per batch."""
+        rows = min(rows, self._ops.limiter.burst)
+        while True:
+            try:
+                self._ops.charge(rows)
+                return
+            except errors.RateLimited as exc:
+                await asyncio.sleep(exc.retry_after)
 
     async def _write(self, batch: list[tuple[int, NewUser]]) -> list[BulkResult]:
         try:
