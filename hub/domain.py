@@ -45,17 +45,22 @@ def new_user_id() -> str:
     ms = time.time_ns() // 1_000_000
     if ms > _last_ms:
         _last_ms, _last_random = ms, int.from_bytes(os.urandom(10), "big")
-        _prefix = "".join([_CROCKFORD[(ms >> s) & 31] for s in range(45, -1, -5)])
+        _prefix = _time_prefix(ms)
     else:
         # Same millisecond, or the clock stepped back: count on from the last id.
         _last_random += 1
         if _last_random >> 80:  # 2^80 ids in one millisecond: move to the next one
             _last_ms, _last_random = _last_ms + 1, 0
-            _prefix = "".join([_CROCKFORD[(_last_ms >> s) & 31] for s in range(45, -1, -5)])
+            _prefix = _time_prefix(_last_ms)
     r, p = _last_random, _PAIRS
     return (_prefix + p[r >> 70] + p[(r >> 60) & 1023] + p[(r >> 50) & 1023]
             + p[(r >> 40) & 1023] + p[(r >> 30) & 1023] + p[(r >> 20) & 1023]
             + p[(r >> 10) & 1023] + p[r & 1023])
+
+
+def _time_prefix(ms: int) -> str:
+    """A ULID's first 10 characters: the 48-bit millisecond time."""
+    return "".join([_CROCKFORD[(ms >> s) & 31] for s in range(45, -1, -5)])
 
 
 def partition_of(user_id: str, partitions: int) -> int:

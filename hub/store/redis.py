@@ -290,8 +290,7 @@ class RedisStore:
 
     async def _apply(self, ops: Sequence[_Op]) -> list[BulkResult | _Raced]:
         ts = now_us()
-        n = self.partitions
-        partitions = [partition_of(op.user.id, n) for op in ops]
+        partitions = [partition_of(op.user.id, self.partitions) for op in ops]
         # Every op travels in one msgpack argument: redis-py encodes each argument separately,
         # which for a bulk batch of eight per row cost more than the script itself. Redis's
         # cmsgpack predates msgpack's bin type, so bytes go as (binary-safe) str.
