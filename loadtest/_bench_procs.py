@@ -154,12 +154,13 @@ def log_summary(log: Path) -> list[str]:
 _SETPRIV = shutil.which("setpriv") if sys.platform == "linux" else None
 
 
-def _dying_with_parent(argv: Sequence[str]) -> list[str]:
-    """`argv`, made to die with the harness (Linux, PR_SET_PDEATHSIG): if it dies, even by
-    SIGKILL, its Redis and hubs die too instead of lingering on their ports. setpriv sets it
-    and execs the command; Popen's preexec_fn would run Python in the forked child of a
-    process with gRPC threads, which can abort or hang there. The workers need no such
-    thing: they stop when their stdin closes."""
+def dying_with_parent(argv: Sequence[str]) -> list[str]:
+    """`argv`, made to die with the process that starts it (Linux, PR_SET_PDEATHSIG): if the
+    harness or the test run dies, even by SIGKILL, its Redis and hubs die too instead of
+    lingering on their ports. setpriv (util-linux) sets it and execs the command, keeping its
+    pid. Not Popen's preexec_fn: that runs Python in the forked child of a process with gRPC
+    threads, where a lock one of them held at fork time (malloc's) made the child abort or
+    hang. The bench's workers need no such thing: they stop when their stdin closes."""
     return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv] if _SETPRIV else list(argv)
 
 
@@ -174,7 +175,7 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
                          " apt-get install redis-server) or pass --redis-url")
     port = free_port()
     proc = subprocess.Popen(
-        _dying_with_parent([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        dying_with_parent([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                             "--appendonly", "no", "--dir", str(workdir)]),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -247,7 +248,7 @@ def start_hub(name: str, redis_url: str, workdir: Path, extra_env: Mapping[str, 
     if workers != 1:
         argv += ["--workers", str(workers)]
     with log.open("ab") as out:
-        proc = subprocess.Popen(_dying_with_parent(argv), env=env, stdout=out,
+        proc = subprocess.Popen(dying_with_parent(argv), env=env, stdout=out,
                                 stderr=subprocess.STDOUT, cwd=ROOT)
     return Hub(name, proc, port, log, workers)
 

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,22 +23,9 @@ from hub.settings import Settings
 from hub.store.base import Store
 from hub.store.memory import MemoryStore
 from hub.store.redis import RedisStore
+from loadtest._bench_procs import dying_with_parent
 
 REDIS_SERVER = shutil.which("redis-server")
-
-
-_SETPRIV = shutil.which("setpriv")
-
-
-def dying_with_parent(command: Sequence[str]) -> list[str]:
-    """`command`, made to die with the test run (PR_SET_PDEATHSIG), instead of lingering and
-    talking to a later run's Redis on a reused port.
-
-    setpriv (util-linux) sets it and then execs the command, keeping its pid. Not Popen's
-    preexec_fn: that runs Python in the forked child of a process full of gRPC threads, and
-    a lock one of them held at fork time (malloc's) made the child abort or hang there.
-    """
-    return [_SETPRIV, "--pdeathsig", "KILL", "--", *command] if _SETPRIV else list(command)
 
 
 @pytest.fixture(scope="session")
