@@ -171,18 +171,20 @@ class Subscription:
         return {partition_of(u, count) for u in self.users}
 
     def add_users(self, users: Iterable[str] | None) -> None:
-        """Follow more users, or all users (users=None); live from now."""
+        """Follow more users, or all users (users=None); live from now. Costs the ids given,
+        not the ids already followed: a stream that adds users in many Subscribes must not
+        pay for its whole set each time."""
         if users is None or self.users is None:
             self._engine._reindex(self, None)
         else:
-            self._engine._reindex(self, self.users | set(users))
+            self._engine._index_users(self, users)
 
     def remove_users(self, users: Iterable[str] | None) -> None:
-        """Unsubscribe some users, or everything (users=None)."""
+        """Unsubscribe some users, or everything (users=None); costs the ids given."""
         if users is None:
             self._engine._reindex(self, set())
         elif self.users is not None:
-            self._engine._reindex(self, self.users - set(users))
+            self._engine._unindex_users(self, users)
 
     def close(self) -> None:
         self._engine._unregister(self)
@@ -301,6 +303,8 @@ class Fanout:
 
     def _reindex(self, sub: Subscription, users: set[str] | None) -> None:
         self._unregister(sub)
+        # The subscription owns its set (add_users changes it in place): never the caller's.
+        users = None if users is None else set(users)
         sub.users = users
         if users is None:
             self._all.add(sub)
@@ -311,6 +315,31 @@ class Fanout:
                     subs = self._by_user[u] = set()
                     self._wanted[partition_of(u, self.partitions)] += 1
                 subs.add(sub)
+
+    def _index_users(self, sub: Subscription, users: Iterable[str]) -> None:
+        assert sub.users is not None
+        for u in users:
+            if u in sub.users:
+                continue
+            sub.users.add(u)
+            subs = self._by_user.get(u)
+            if subs is None:
+                subs = self._by_user[u] = set()
+                self._wanted[partition_of(u, self.partitions)] += 1
+            subs.add(sub)
+
+    def _unindex_users(self, sub: Subscription, users: Iterable[str]) -> None:
+        assert sub.users is not None
+        for u in users:
+            if u not in sub.users:
+                continue
+            sub.users.discard(u)
+            subs = self._by_user.get(u)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._by_user[u]
+                    self._wanted[partition_of(u, self.partitions)] -= 1
 
     def _unregister(self, sub: Subscription) -> None:
         self._all.discard(sub)

@@ -36,8 +36,19 @@ class Settings:
     host: str = _setting("127.0.0.1", "address to bind")
     port: int = _setting(50051, "port to bind (0: any free port)")
     redis_url: str = _setting(
-        "", "redis://[user:password@]host:port/db; empty: the embedded in-memory store"
-        " (one instance, nothing survives a restart)")
+        "", "redis://[user:password@]host:port/db, rediss:// for TLS, or"
+        " redis+sentinel://[:password@]host:port[,host:port...]/MASTER_NAME (rediss+sentinel://"
+        " for TLS); empty: the embedded in-memory store (one instance, nothing survives a"
+        " restart)")
+    redis_replicas_ack: int = _setting(
+        0, "acknowledge a write only after WAIT confirms this many replicas have it"
+        " (0: as soon as the primary has it); unconfirmed writes fail UNAVAILABLE, outcome"
+        " unknown")
+    redis_replicas_ack_timeout: float = _setting(
+        1.0, "seconds a write waits for --redis-replicas-ack replicas")
+    allow_evicting_redis: bool = _setting(
+        False, "run even if Redis's maxmemory-policy may evict keys (hub's users, indexes and"
+        " history would vanish silently; use noeviction)")
     partitions: int = _setting(
         16, "event partitions; a user's events share one, so each is ordered per user."
         " Every instance on one Redis must use the same count")
@@ -62,6 +73,13 @@ class Settings:
     subscriber_max_bytes: int = _setting(
         8 * 1024 * 1024, "unsent bytes a subscriber may fall behind by before it is cut")
     max_subscription_users: int = _setting(10_000, "user ids one Subscribe may name")
+    max_stream_users: int = _setting(
+        20_000, "user ids one UserUpdates/Sync stream may follow in all (its Subscribes added"
+        " up)")
+    import_max_rows: int = _setting(
+        10_000, "rows one ImportUsers message may carry (counted before it is parsed)")
+    max_metadata_bytes: int = _setting(
+        16 * 1024, "largest request metadata (headers) a call may send")
     max_subscribes_per_stream: int = _setting(
         100, "Subscribe requests one UserUpdates/Sync stream may send")
     max_page_size: int = _setting(1000, "largest ListUsers page_size")
@@ -92,6 +110,9 @@ class Settings:
     tls_key: str = _setting("", "PEM private key file for --tls-cert")
     tls_client_ca: str = _setting(
         "", "PEM CA file: require client certificates signed by it (mTLS)")
+    metrics_host: str = _setting(
+        "127.0.0.1", "address of the /metrics endpoint (it has no authentication: hub warns"
+        " when it is not a loopback address)")
     metrics_port: int = _setting(
         0, "port of the Prometheus /metrics endpoint (0: off); with --workers N, worker i"
         " (0..N-1) serves it on this port + i")
@@ -120,12 +141,16 @@ class Settings:
                     "password_hash_concurrency", "bulk_batch_size", "heartbeat_interval",
                     "subscriber_max_events", "subscriber_max_bytes", "max_subscription_users",
                     "max_subscribes_per_stream", "max_page_size", "bulk_max_rows",
-                    "max_concurrent_streams", "max_connection_age", "write_burst")
+                    "max_concurrent_streams", "max_connection_age", "write_burst",
+                    "max_stream_users", "import_max_rows", "max_metadata_bytes")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
+        if self.redis_replicas_ack < 0 or self.redis_replicas_ack_timeout <= 0:
+            raise ValueError("redis_replicas_ack must not be negative and its timeout must be"
+                             " positive")
         if self.shutdown_grace < 0 or self.write_rate < 0:
             raise ValueError("shutdown_grace and write_rate must not be negative")
         if bool(self.tls_cert) != bool(self.tls_key):
