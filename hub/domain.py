@@ -6,7 +6,7 @@ import os
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
 # ULID text: 48 bits of milliseconds then 80 random bits, in Crockford's base32.
@@ -138,10 +138,14 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class Position:
-    """Where the history stands: the epoch and the last offset of every partition."""
+    """Where the history stands: the epoch and the last offset of every partition.
+
+    `tags`, when the store knows them, name the write that made each partition's last offset
+    (see hub.store.redis): the same offsets with other tags are another history."""
 
     epoch: str
     offsets: tuple[int, ...]
+    tags: tuple[str, ...] = field(default=(), compare=False)
 
 
 class EventBatch:
@@ -149,14 +153,18 @@ class EventBatch:
     at once; the events are decoded only when asked for, so a process whose subscribers want
     none of them pays nothing for them."""
 
-    __slots__ = ("_decode", "_events", "count", "epoch", "first_offset", "partition")
+    __slots__ = ("_decode", "_events", "count", "epoch", "first_offset", "partition",
+                 "prev_tag", "tag")
 
     def __init__(
         self, epoch: str, partition: int, first_offset: int, count: int,
-        decode: Callable[[], list[Event]],
+        decode: Callable[[], list[Event]], prev_tag: str = "", tag: str = "",
     ) -> None:
         self.epoch, self.partition = epoch, partition
         self.first_offset, self.count = first_offset, count
+        # The write's tag, and the tag of the write before it in this partition ("" where the
+        # store has none): a listener checks the batch continues what it has.
+        self.prev_tag, self.tag = prev_tag, tag
         self._decode = decode
         self._events: list[Event] | None = None
 

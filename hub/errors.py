@@ -7,7 +7,8 @@
      ├── VersionConflict      expected_version did not match the stored version
  ├── Contention           too many concurrent writers on one user; retry the call
  ├── TooManyRows          a bulk stream's response would exceed the message size limit
-     ├── StoreUnavailable     the store (Redis) cannot be reached; nothing was written
+     ├── StoreUnavailable     the store (Redis) cannot serve now (unreachable, a replica, busy)
+ ├── StoreFull            the store (Redis) is out of memory; nothing was written
  ├── SlowConsumer         a subscriber fell further behind than its buffer allows
  ├── RateLimited          a principal writes faster than its rate limit
  ├── LimitExceeded        a request is over a configured limit (ids per Subscribe, rows, ...)
@@ -75,8 +76,12 @@ class TooManyRows(HubError):
 
 
 class StoreUnavailable(HubError):
-    def __init__(self, detail: str = "the user store is unreachable; nothing was written") -> None:
+    def __init__(self, detail: str = "the user store is unreachable") -> None:
         super().__init__(detail)
+
+
+class StoreFull(HubError):
+    """Redis refused a write for want of memory (maxmemory with noeviction)."""
 
 
 class SlowConsumer(HubError):

@@ -21,6 +21,15 @@ which is repaired from the history before anything later is routed. An auditor r
 store's positions every second, so a loss at the tail (with no later event to reveal it) is
 repaired too. A subscriber's resume token is the engine's position at the moment its buffer
 is drained: every matching event up to it has been handed over, none after it.
+
+Identity: offsets alone cannot tell a continuation from another history under the same
+offsets (a Redis restarted from an older snapshot, a replica promoted before it had every
+write, then new writes reusing the lost offsets). Every write carries a tag and the tag of the
+write before it in its partition, so the engine also keeps the tag at its position and checks
+each batch, each repair and each audit continues it. Where one does not, the engine starts a
+new epoch (one compare-and-set in the store, the same for every instance) and ends every
+subscription with EPOCH_CHANGED: a subscriber is told, never handed a reused offset as if it
+followed what it had.
 """
 
 from __future__ import annotations
@@ -198,6 +207,8 @@ class Fanout:
         self.partitions = store.partitions
         self.epoch = ""
         self._pos = [0] * store.partitions
+        # The tag of the write that made each partition's position ("": not known).
+        self._tags = [""] * store.partitions
         self._position = Position("", ())  # the last one handed out
         self._all: set[Subscription] = set()
         self._by_user: dict[str, set[Subscription]] = {}
@@ -258,6 +269,8 @@ class Fanout:
     async def reach(self, resume: Position) -> None:
         """Checks `resume` is from this history (same epoch). A token handed out by a faster
         instance may be a few events ahead of this one: wait for the engine to catch up."""
+        if not resume.epoch and not any(resume.offsets):
+            return  # taken before the first write ever: nothing seen, so nothing to lose
         if resume.epoch != self.epoch:
             raise ContinuityLost(
                 EPOCH_CHANGED,
@@ -269,8 +282,12 @@ class Fanout:
         async with self._lock:
             await self._catch_up()
         if any(r > p for r, p in zip(resume.offsets, self._pos, strict=True)):
+            # Tokens are not signed, so one ahead is not proof enough to end everyone's
+            # subscription (any client could send one); the catch-up above has compared the
+            # store with what this engine saw. This subscriber's history is gone, though.
             raise ContinuityLost(
-                HISTORY_EXPIRED, "the token is ahead of the event history: it is not from it"
+                EPOCH_CHANGED, "the token is ahead of this event history: the history it came"
+                " from is gone (Redis came back with older data?); start again from a snapshot"
             )
 
     async def replay(
@@ -397,29 +414,41 @@ class Fanout:
                 log.exception("fan-out audit failed")
 
     async def _catch_up(self) -> None:
-        """Route whatever the store has that we have not (after a reconnect, or a lost tail)."""
+        """Route whatever the store has that we have not (after a reconnect, or a lost tail),
+        after checking it is still the history we follow."""
         current = await self._store.position()
-        if not self.epoch:
-            self.epoch, self._pos = current.epoch, list(current.offsets)
-            return
         if current.epoch != self.epoch:
-            self._reset(current)
+            self._new_epoch(current)
             return
         for p, target in enumerate(current.offsets):
+            head = current.tags[p] if current.tags else ""
+            if target < self._pos[p] or (
+                    target == self._pos[p] and head and self._tags[p] and head != self._tags[p]):
+                await self._diverged(p, f"the store is at offset {target}, this engine routed"
+                                        f" up to {self._pos[p]}")
+                return
             if target > self._pos[p]:
                 await self._repair(p, target)
 
     async def _on_batch(self, batch: EventBatch) -> None:
         if batch.epoch != self.epoch:
-            self._reset(await self._store.position())
+            current = await self._store.position()
+            if current.epoch != self.epoch:
+                self._new_epoch(current)
+            # Otherwise a message of an epoch already replaced, published before the change.
             return
         p = batch.partition
         if batch.first_offset > self._pos[p] + 1:
             await self._repair(p, batch.first_offset - 1)
+        if not self._continues(batch):
+            await self._diverged(p, f"offsets {batch.first_offset}..{batch.last_offset} were"
+                                    " written by another history than the one routed here")
+            return
         fresh = batch.last_offset - self._pos[p]
         if fresh <= 0:
             return  # a repair routed these already
         metrics.EVENTS_ROUTED.inc(fresh)
+        self._tags[p] = batch.tag
         if not self._all and not self._wanted[p]:
             # Nobody here wants any event of this partition: take the position, skip decoding.
             self._pos[p] = batch.last_offset
@@ -428,20 +457,47 @@ class Fanout:
             if event.offset == self._pos[p] + 1:
                 self._route(event)
 
+    def _continues(self, batch: EventBatch) -> bool:
+        """Whether `batch` belongs to the history routed so far (True where tags are not
+        known: a store without them, or a position taken over from a trimmed history)."""
+        pos, known = self._pos[batch.partition], self._tags[batch.partition]
+        if not known:
+            return True
+        if pos == batch.first_offset - 1:
+            return not batch.prev_tag or batch.prev_tag == known
+        if batch.first_offset <= pos <= batch.last_offset:
+            return not batch.tag or batch.tag == known  # a repair routed part of this write
+        return True  # older than our position: nothing here to compare it with
+
     async def _repair(self, p: int, target: int) -> None:
         log.info("fan-out repairing partition %d from offset %d to %d", p, self._pos[p], target)
         metrics.GAP_REPAIRS.inc()
         while self._pos[p] < target:
-            events = await self._store.history(p, self._pos[p],
-                                               min(_REPLAY_CHUNK, target - self._pos[p]))
-            if not events or events[0].offset != self._pos[p] + 1:
-                lost_to = events[0].offset - 1 if events else target
+            tagged = await self._store.history_tagged(
+                p, self._pos[p], min(_REPLAY_CHUNK, target - self._pos[p]))
+            if not tagged or tagged[0][0].offset != self._pos[p] + 1:
+                lost_to = tagged[0][0].offset - 1 if tagged else target
                 self._lose(p, lost_to)
                 continue
-            routed = [e for e in events if e.offset <= target]
+            _, tag, prev = tagged[0]
+            known = self._tags[p]
+            if known and tag and known not in (tag, prev):
+                await self._diverged(p, f"the history after offset {self._pos[p]} was written"
+                                        " by another history than the one routed here")
+                return
+            routed = [(e, t) for e, t, _ in tagged if e.offset <= target]
             metrics.EVENTS_ROUTED.inc(len(routed))
-            for event in routed:
+            for event, tag in routed:
                 self._route(event)
+                self._tags[p] = tag
+
+    async def _diverged(self, p: int, detail: str) -> None:
+        """The store's history is not the one routed here: a new epoch for everyone."""
+        log.error("event history of epoch %s replaced in partition %d (%s): Redis came back"
+                  " with other data (an older snapshot, or a replica promoted before it had"
+                  " every write); starting a new epoch", self.epoch, p, detail)
+        await self._store.rotate_epoch(self.epoch)
+        self._new_epoch(await self._store.position())
 
     def _route(self, event: Event) -> None:
         self._pos[event.partition] = event.offset
@@ -467,14 +523,28 @@ class Fanout:
             if p in sub.partitions(self.partitions):
                 sub.fail(error)
         self._pos[p] = lost_to
+        self._tags[p] = ""
+
+    def _new_epoch(self, current: Position) -> None:
+        """The store is at another epoch than the one routed here."""
+        if not self.epoch and not any(self._pos):
+            # Nothing was ever routed (a new or emptied Redis had no epoch yet): the new
+            # history starts where this engine stands, so nobody has missed anything.
+            self._adopt(current)
+            return
+        self._reset(current)
 
     def _reset(self, current: Position) -> None:
         log.warning("event history epoch changed from %s to %s: ending every subscription",
-                    self.epoch, current.epoch)
+                    self.epoch, current.epoch or "(none yet)")
         error = ContinuityLost(
             EPOCH_CHANGED, "the event history was reset (epoch changed); start again from a"
             " snapshot",
         )
         for sub in [*self._all, *{s for subs in self._by_user.values() for s in subs}]:
             sub.fail(error)
+        self._adopt(current)
+
+    def _adopt(self, current: Position) -> None:
         self.epoch, self._pos = current.epoch, list(current.offsets)
+        self._tags = list(current.tags) if current.tags else [""] * self.partitions

@@ -82,12 +82,21 @@ _DRAIN = signal.SIGUSR1
 _STOP_NOW = signal.SIGUSR2
 
 
+# maxmemory-policy values under which Redis never drops a key to make room.
+_NO_EVICTION = ("noeviction", "")
+
+
+class StartupError(Exception):
+    """hub cannot start as configured; the message says why and what to change."""
+
+
 def make_store(settings: Settings) -> Store:
     if settings.redis_url:
         return RedisStore.from_url(
             settings.redis_url, partitions=settings.partitions,
             history_size=settings.history_size, history_max_age=settings.history_max_age,
-            pool_size=settings.redis_pool_size,
+            pool_size=settings.redis_pool_size, replicas_ack=settings.redis_replicas_ack,
+            replicas_ack_timeout=settings.redis_replicas_ack_timeout,
         )
     return MemoryStore(settings.partitions, settings.history_size, settings.history_max_age)
 
@@ -108,6 +117,9 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         # sure nothing else held the port before they bound it).
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        # Request headers are bounded like messages: without it a client could send megabytes
+        # of metadata (an `authorization` of 1 MB would reach the JWT code).
+        ("grpc.max_metadata_size", settings.max_metadata_bytes),
         # Connections are recycled so long-lived streams spread over new instances; the
         # grace lets calls finish (SyncFeed resumes from its token either way).
         ("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)),
@@ -155,6 +167,7 @@ class HubServer:
             self.port = self._server.add_secure_port(self.settings.address, credentials)
         if not self.port:
             raise OSError(f"cannot bind {self.settings.address}")
+        await self._check_store()
         await self._set_ready(await self._store_ok())
         self._tasks = [
             asyncio.create_task(self.fanout.run(), name="hub-fanout"),
@@ -165,9 +178,13 @@ class HubServer:
         await self._server.start()
         if self.settings.metrics_port:
             metrics.QUEUED_EVENTS.set_function(self.fanout.queued)
-            self._metrics = metrics.MetricsServer(self.settings.host, self.settings.metrics_port)
+            host = self.settings.metrics_host
+            self._metrics = metrics.MetricsServer(host, self.settings.metrics_port)
             self.metrics_port = self._metrics.port
-            log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
+            if not _is_loopback(host):
+                log.warning("--metrics-host %s: /metrics has no authentication and is open to"
+                            " that network", host)
         if not self.settings.auth_enabled and not self.settings.loopback:
             log.warning("--insecure: serving %s without authentication", self.settings.host)
         return self.port
@@ -197,6 +214,31 @@ class HubServer:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop(grace=0 if et is not None else None)
+
+    async def _check_store(self) -> None:
+        """What can be checked of Redis before serving: an evicting maxmemory-policy (which
+        would drop users and history silently) is refused; a new Redis gets its epoch. A
+        Redis that is down now is not fatal: readiness says so until it answers."""
+        if not isinstance(self.store, RedisStore):
+            return
+        try:
+            policy = await asyncio.wait_for(self.store.eviction_policy(), 3)
+        except TimeoutError:
+            policy = None
+        if policy is None:
+            log.warning("could not read Redis's maxmemory-policy (CONFIG GET refused or Redis"
+                        " down): make sure it is noeviction")
+        elif policy not in _NO_EVICTION:
+            if not self.settings.allow_evicting_redis:
+                raise StartupError(
+                    f"Redis's maxmemory-policy is {policy}: it may evict hub's users, indexes"
+                    " and history without a word; set it to noeviction (CONFIG SET"
+                    " maxmemory-policy noeviction), or pass --allow-evicting-redis to run"
+                    " anyway")
+            log.warning("Redis's maxmemory-policy is %s (--allow-evicting-redis): users and"
+                        " history may vanish silently when Redis is full", policy)
+        with contextlib.suppress(StoreUnavailable, TimeoutError):
+            await asyncio.wait_for(self.store.ensure_epoch(), 3)
 
     async def _store_ok(self) -> bool:
         return await self._store_problem() is None
@@ -247,7 +289,11 @@ def run(settings: Settings) -> int:
                  " one instance, data is lost on exit")
     if settings.workers > 1:
         return _Supervisor(settings).run()
-    _run_loop(serve(settings))
+    try:
+        _run_loop(serve(settings))
+    except StartupError as exc:
+        log.error("hub cannot start: %s", exc)
+        return 2
     return 0
 
 
@@ -315,6 +361,10 @@ async def serve(settings: Settings, worker_ready: Callable[[int], None] | None =
         graceful.cancel()
     immediate.cancel()
     log.info("hub stopped")
+
+
+def _is_loopback(host: str) -> bool:
+    return Settings(host=host, insecure=True).loopback
 
 
 def _describe(settings: Settings, port: int, extra: str = "") -> str:
@@ -490,7 +540,11 @@ def _worker(settings: Settings, index: int, ready: Connection, supervisor: int) 
         ready.send(port)
         ready.close()
 
-    _run_loop(serve(settings, on_ready))
+    try:
+        _run_loop(serve(settings, on_ready))
+    except StartupError as exc:
+        log.error("hub cannot start: %s", exc)
+        raise SystemExit(2) from None
 
 
 def _die_with(supervisor: int) -> None:

@@ -311,9 +311,11 @@ class _Bulk:
     async def _write(self, batch: list[tuple[int, NewUser]]) -> list[BulkResult]:
         try:
             return await self._store.create_many([new for _, new in batch])
-        except errors.StoreUnavailable as exc:
+        except (errors.StoreUnavailable, errors.StoreFull) as exc:
             # Report every row of the failed batch: none is lost silently, and a retry of
-            # a row that did land is refused by the email index, never duplicated.
+            # a row that did land is refused by the email index, never duplicated. (A write
+            # is one script that Redis refuses whole, so none of these rows landed unless
+            # the outcome is unknown, which the message then says.)
             return [exc] * len(batch)
 
     async def finish(self) -> user_service_pb2.BulkCreateResponse:

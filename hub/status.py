@@ -27,6 +27,8 @@ _CODES: dict[type[errors.HubError], grpc.StatusCode] = {
     errors.VersionConflict: grpc.StatusCode.ABORTED,
     errors.Contention: grpc.StatusCode.ABORTED,
     errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    # Not UNAVAILABLE: retrying at once cannot help until memory is freed or raised.
+    errors.StoreFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.TooManyRows: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.SlowConsumer: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.ContinuityLost: grpc.StatusCode.OUT_OF_RANGE,

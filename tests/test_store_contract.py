@@ -413,11 +413,34 @@ async def test_position_is_the_last_offset_of_each_partition(store: Store) -> No
 
 
 async def test_empty_store_has_zero_offsets_and_no_history(store: Store) -> None:
+    await store.ensure_epoch()  # what a hub does at start-up
     position = await store.position()
 
     assert position.offsets == (0,) * store.partitions
     assert position.epoch
     assert await store.history(0, 0, 10) == []
+
+
+async def test_reading_the_position_writes_nothing(store: Store) -> None:
+    """A read must work where writes cannot (a replica, OOM, CLIENT PAUSE WRITE): reading the
+    position of a Redis with no epoch yet does not create one; the first write does."""
+    first = await store.position()
+    again = await store.position()
+    assert first.epoch == again.epoch  # no epoch appeared by reading (memory has one always)
+    created = await store.create(row("ada@x.io"))
+    assert created.epoch and (await store.position()).epoch == created.epoch
+
+
+async def test_rotating_the_epoch_is_one_compare_and_set(store: Store) -> None:
+    """Every instance that finds the history replaced asks for a new epoch at once: they all
+    end on the same one, and the offsets go on (old tokens are refused by their epoch)."""
+    await store.create(row("ada@x.io"))
+    before = await store.position()
+    first = await store.rotate_epoch(before.epoch)
+    second = await store.rotate_epoch(before.epoch)  # a second instance, same finding
+    after = await store.position()
+    assert first != before.epoch and second == first == after.epoch
+    assert after.offsets == before.offsets
 
 
 # -- listen ---------------------------------------------------------------------------------

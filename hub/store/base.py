@@ -41,8 +41,24 @@ class Store(Protocol):
         """Events of one partition with offset > after_offset, oldest first."""
         ...
 
+    async def history_tagged(
+        self, partition: int, after_offset: int, limit: int
+    ) -> list[tuple[Event, str, str]]:
+        """history(), each event with the tag of the write that made it and the tag of the
+        write before that in its partition ("" where the store keeps none)."""
+        ...
+
     async def position(self) -> Position:
-        """The epoch and each partition's last offset."""
+        """The epoch ("" before the first) and each partition's last offset (and, where the
+        store keeps them, the tag of its last write). Never writes."""
+        ...
+
+    async def ensure_epoch(self) -> None:
+        """Creates the epoch if there is none (at start-up)."""
+        ...
+
+    async def rotate_epoch(self, seen: str) -> str:
+        """A new epoch if the current one is still `seen`; returns the current epoch."""
         ...
 
     def listen(self) -> AbstractAsyncContextManager[AsyncIterator[EventBatch]]:

@@ -146,8 +146,22 @@ class MemoryStore:
         start = max(0, after_offset + 1 - log[0].offset)
         return [log[i] for i in range(start, min(len(log), start + limit))]
 
+    async def history_tagged(
+        self, partition: int, after_offset: int, limit: int
+    ) -> list[tuple[Event, str, str]]:
+        # One process's memory cannot come back with older data: nothing to tell apart.
+        return [(e, "", "") for e in await self.history(partition, after_offset, limit)]
+
     async def position(self) -> Position:
         return Position(self._epoch, tuple(self._offsets))
+
+    async def ensure_epoch(self) -> None:
+        return None
+
+    async def rotate_epoch(self, seen: str) -> str:
+        if seen == self._epoch:
+            self._epoch = secrets.token_hex(4)
+        return self._epoch
 
     @asynccontextmanager
     async def listen(self) -> AsyncIterator[AsyncIterator[EventBatch]]:

@@ -5,14 +5,25 @@ Keys (prefix `hub` by default):
     {prefix}:emails      hash  casefolded email -> id (uniqueness, case-insensitive)
     {prefix}:ids         zset  every id, score 0, so ZRANGE BYLEX pages in id (= creation) order
     {prefix}:offsets     hash  partition -> last offset
-    {prefix}:epoch       string, set by the first write; a Redis that lost its data gets a new one
-    {prefix}:log:{p}     stream of partition p's events, entry id `{offset}-0`, field e=event
+    {prefix}:heads       hash  partition -> the tag (random, one per write call) of its last write
+    {prefix}:epoch       string, set at start-up or by the first write; a new one whenever the
+                         history is found replaced (Redis came back empty or with older data)
+    {prefix}:log:{p}     stream of partition p's events, entry id `{offset}-0`, fields e=event,
+                         t=write time (ms), g=the write's tag, q=the tag of the write before it
 Channel {prefix}:ev:{p} carries each write's events of partition p (see write.lua).
+
+History identity: the store remembers, per partition, the last offset and tag it has seen
+(from its own writes and from position reads). Every write sends that knowledge, and the
+script refuses to write onto a history that is behind it (a replica promoted before it had
+everything, a Redis restarted from an older snapshot): the store then starts a new epoch, in
+one atomic compare-and-set every instance agrees on, and writes there. No write is ever
+acknowledged onto a history that silently replaced the one this process saw.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -23,6 +34,7 @@ from typing import Any, TypeVar, cast
 import msgpack
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 from hub import metrics
 from hub.domain import (
@@ -44,14 +56,39 @@ from hub.errors import (
     Contention,
     HubError,
     NotFound,
+    StoreFull,
     StoreUnavailable,
     VersionConflict,
 )
 from hub.store.base import BulkResult
 from hub.store.locks import KeyedLock
 
+log = logging.getLogger(__name__)
+
 _WRITE_LUA = files("hub.store").joinpath("write.lua").read_text()
+# Reads the position in one atomic step, writing nothing: flagged no-writes, so it runs on a
+# replica, under OOM and during CLIENT PAUSE WRITE (a read must never need a write).
+_POSITION_LUA = """#!lua flags=no-writes
+local fields = {}
+for i = 0, tonumber(ARGV[1]) - 1 do fields[#fields + 1] = i end
+return {redis.call('GET', KEYS[1]) or false, redis.call('HMGET', KEYS[2], unpack(fields)),
+        redis.call('HMGET', KEYS[3], unpack(fields))}
+"""
+# A new epoch, if the current one is still `ARGV[1]` (or there is none): every instance that
+# finds the same history replaced asks at once, and they all end on the first one's epoch.
+_ROTATE_LUA = """#!lua
+local current = redis.call('GET', KEYS[1])
+if not current or current == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+  return ARGV[2]
+end
+return current
+"""
 _T = TypeVar("_T")
+_APPLIED, _EPOCH_MOVED, _DIVERGED = range(3)
+# A write meets a moved epoch or a replaced history at most once per change of it; a few
+# tries cover two instances changing it at once.
+_WRITE_TRIES = 4
 _OK, _NOT_FOUND, _EMAIL_TAKEN, _VERSION_MISMATCH, _ID_TAKEN = range(5)
 # An update without expected_version retries its read-modify-write when another writer wins
 # the race; this many losses in a row means the user is too hot to update, so say ABORTED.
@@ -74,11 +111,12 @@ def encode_event(type_: EventType, user: User, ts: int) -> bytes:
 
 
 def decode_batch(message: bytes) -> EventBatch:
-    """A published message: msgpack (epoch, partition, first offset, count), then its events,
-    decoded only if the batch's events are asked for."""
+    """A published message: msgpack (epoch, partition, first offset, count, previous tag,
+    tag), then its events, decoded only if the batch's events are asked for."""
     unpacker = msgpack.Unpacker(raw=False)
     unpacker.feed(message)
     epoch, partition, first, count = next(unpacker), next(unpacker), next(unpacker), next(unpacker)
+    prev_tag, tag = next(unpacker), next(unpacker)
 
     def events() -> list[Event]:
         out = []
@@ -88,7 +126,7 @@ def decode_batch(message: bytes) -> EventBatch:
             offset += 1
         return out
 
-    return EventBatch(epoch, partition, first, count, events)
+    return EventBatch(epoch, partition, first, count, events, prev_tag, tag)
 
 
 async def _read_again(read: Callable[[], Awaitable[_T]]) -> _T:
@@ -103,22 +141,89 @@ async def _read_again(read: Callable[[], Awaitable[_T]]) -> _T:
         return await read()
 
 
+# Redis refusals that mean "not now", by the first word of the error: hub answers UNAVAILABLE.
+_NOT_NOW = {
+    "BUSY": "the user store is busy running a script",
+    "LOADING": "the user store is loading its data",
+    "MASTERDOWN": "the user store's link to its primary is down",
+    "NOREPLICAS": "the user store has too few replicas to accept writes"
+                  " (min-replicas-to-write)",
+    "TRYAGAIN": "the user store asked to try again",
+    "CLUSTERDOWN": "the user store's cluster is down",
+    "NOPERM": "hub's Redis user lacks a permission it needs (check the ACL)",
+}
+
+
 @contextmanager
-def _unavailable() -> Iterator[None]:
-    """Redis connection trouble becomes StoreUnavailable, the one error callers handle."""
+def _unavailable(write: bool = False) -> Iterator[None]:
+    """Redis failures become the errors callers handle: StoreUnavailable (UNAVAILABLE), or
+    StoreFull (RESOURCE_EXHAUSTED) when Redis is out of memory. A write whose reply was lost
+    may have been applied: the message says its outcome is unknown. Other Redis errors are
+    bugs in hub and stay what they are (INTERNAL)."""
+    nothing = "; nothing was written" if write else ""
     try:
         yield
+    except redis_errors.OutOfMemoryError as exc:
+        metrics.STORE_ERRORS.inc()
+        raise StoreFull(
+            "the user store is out of memory (Redis maxmemory)" + nothing) from exc
+    except redis_errors.ReadOnlyError as exc:
+        metrics.STORE_ERRORS.inc()
+        raise StoreUnavailable(
+            "the user store is a read-only replica, not a primary" + nothing) from exc
+    except redis_errors.ResponseError as exc:
+        word = str(exc).split(" ", 1)[0].upper()
+        if word not in _NOT_NOW and not isinstance(exc, redis_errors.NoPermissionError):
+            raise
+        metrics.STORE_ERRORS.inc()
+        raise StoreUnavailable(_NOT_NOW.get(word, _NOT_NOW["NOPERM"]) + nothing) from exc
     except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
         metrics.STORE_ERRORS.inc()
         if isinstance(exc, redis_errors.AuthenticationError):
             raise StoreUnavailable(
                 "the user store refused hub's credentials (check the Redis URL's user and"
-                " password)") from exc
-        if isinstance(exc, redis_errors.TimeoutError):
-            raise StoreUnavailable("the user store did not answer in time") from exc
+                " password)" + nothing) from exc
         if isinstance(exc, redis_errors.BusyLoadingError):
-            raise StoreUnavailable("the user store is loading its data") from exc
-        raise StoreUnavailable() from exc
+            raise StoreUnavailable(_NOT_NOW["LOADING"] + nothing) from exc
+        if isinstance(exc, redis_errors.TimeoutError):
+            raise StoreUnavailable(
+                "the user store did not answer in time"
+                + ("; the write's outcome is unknown" if write else "")) from exc
+        raise StoreUnavailable(
+            "the user store is unreachable" + ("; the write's outcome is unknown if it was"
+                                               " sent" if write else "")) from exc
+
+
+def _sentinel_pool_class() -> type[SentinelConnectionPool]:
+    """SentinelConnectionPool that waits for a free connection like BlockingConnectionPool."""
+
+    class Pool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+        pass
+
+    return Pool
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, str, bool, int]:
+    """`redis+sentinel://[:password@]host:port[,host:port...]/MASTER_NAME[/db]` (rediss+ for
+    TLS) -> (sentinels, master name, password, tls, db). The password is the master's."""
+    scheme, _, rest = url.partition("://")
+    tls = scheme == "rediss+sentinel"
+    if scheme not in ("redis+sentinel", "rediss+sentinel") or not rest:
+        raise ValueError(f"not a redis+sentinel:// URL: {scheme}://...")
+    auth, _, rest = rest.rpartition("@")
+    password = auth.partition(":")[2] if auth else ""
+    hosts, _, path = rest.partition("/")
+    parts = [p for p in path.split("/") if p]
+    if not parts:
+        raise ValueError("a redis+sentinel:// URL names its master: .../MASTER_NAME")
+    sentinels = []
+    for host in hosts.split(","):
+        name, _, port = host.strip().rpartition(":")
+        if not name or not port.isdigit():
+            raise ValueError(f"sentinel address {host!r} is not host:port")
+        sentinels.append((name.strip("[]"), int(port)))
+    db = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    return sentinels, parts[0], password, tls, db
 
 
 class RedisStore:
@@ -135,6 +240,8 @@ class RedisStore:
         history_size: int = 10_000,
         prefix: str = "hub",
         history_max_age: float = 86_400.0,
+        replicas_ack: int = 0,
+        replicas_ack_timeout: float = 1.0,
     ) -> None:
         self.partitions = partitions
         # redis-py types every reply as a bytes/str union whatever decode_responses says; this
@@ -144,19 +251,37 @@ class RedisStore:
         self._history_max_age_ms = int(history_max_age * 1000)
         self._p = prefix
         self._write = client.register_script(_WRITE_LUA)
+        self._read_position = client.register_script(_POSITION_LUA)
+        self._rotate = client.register_script(_ROTATE_LUA)
         self._user_locks = KeyedLock()
         self._emails, self._ids = f"{prefix}:emails", f"{prefix}:ids"
         self._offsets, self._epoch = f"{prefix}:offsets", f"{prefix}:epoch"
+        self._heads_key = f"{prefix}:heads"
+        self._replicas_ack, self._ack_timeout_ms = replicas_ack, int(replicas_ack_timeout * 1000)
+        # What this process has seen of the history: its epoch, and per partition the last
+        # offset and the tag of the write that made it. Writes refuse to land behind it.
+        self._seen_epoch = ""
+        self._heads: dict[int, tuple[int, str]] = {}
 
     @classmethod
     def from_url(cls, url: str, pool_size: int = 64, **kwargs: Any) -> RedisStore:
         # A blocking pool: a burst of store calls beyond pool_size waits for a connection
         # (up to the socket timeout) instead of failing at once, as redis-py's default pool
         # does past its limit, which callers would see as UNAVAILABLE.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=pool_size, timeout=5,
+        options: dict[str, Any] = dict(
+            max_connections=pool_size, timeout=5,
             socket_connect_timeout=2, socket_timeout=5, health_check_interval=10,
         )
+        if url.startswith(("redis+sentinel://", "rediss+sentinel://")):
+            sentinels, master, password, tls, db = parse_sentinel_url(url)
+            manager = Sentinel(  # type: ignore[no-untyped-call]
+                sentinels, socket_connect_timeout=2, socket_timeout=2,
+                **({"ssl": True} if tls else {}))
+            client = manager.master_for(
+                master, connection_pool_class=_sentinel_pool_class(),
+                password=password or None, db=db, ssl=tls, **options)
+            return cls(client, **kwargs)
+        pool = aioredis.BlockingConnectionPool.from_url(url, **options)
         return cls(aioredis.Redis.from_pool(pool), **kwargs)
 
     def _user_key(self, user_id: str) -> str:
@@ -203,7 +328,13 @@ class RedisStore:
         return [_user_from(msgpack.unpackb(raw)) for raw in raws if raw is not None]
 
     async def history(self, partition: int, after_offset: int, limit: int) -> list[Event]:
-        async def read() -> tuple[bytes, list[Any]]:
+        return [event for event, _, _ in await self.history_tagged(partition, after_offset, limit)]
+
+    async def history_tagged(
+        self, partition: int, after_offset: int, limit: int
+    ) -> list[tuple[Event, str, str]]:
+        """history(), each event with the tag of its write and the tag of the write before."""
+        async def read() -> tuple[bytes | None, list[Any]]:
             return await self._r.get(self._epoch), await self._r.xrange(
                 self._log_key(partition), min=f"{after_offset + 1}-0", max="+", count=limit
             )
@@ -211,26 +342,67 @@ class RedisStore:
         with _unavailable():
             epoch, entries = await _read_again(read)
         out = []
+        epoch_text = epoch.decode() if epoch is not None else ""
         for entry_id, data in entries:
             type_, fields, ts = msgpack.unpackb(data[b"e"])
             offset = int(entry_id.split(b"-", 1)[0])
-            out.append(
-                Event(EventType(type_), _user_from(fields), partition, offset, epoch.decode(), ts)
-            )
+            event = Event(EventType(type_), _user_from(fields), partition, offset, epoch_text, ts)
+            out.append((event, data.get(b"g", b"").decode(), data.get(b"q", b"").decode()))
         return out
 
     async def position(self) -> Position:
-        async def read() -> list[Any]:
-            # SET NX only ever sets the first epoch: doing it twice is harmless.
-            async with self._r.pipeline(transaction=True) as pipe:
-                pipe.set(self._epoch, secrets.token_hex(4), nx=True)
-                pipe.get(self._epoch)
-                pipe.hmget(self._offsets, list(range(self.partitions)))
-                return cast(list[Any], await pipe.execute())
-
+        """The epoch ("" while none exists: a new or emptied Redis), each partition's last
+        offset and the tag of its last write. Only reads (see _POSITION_LUA)."""
         with _unavailable():
-            _, epoch, offsets = await _read_again(read)
-        return Position(epoch.decode(), tuple(int(o or 0) for o in offsets))
+            epoch, offsets, heads = await _read_again(lambda: self._read_position(
+                keys=[self._epoch, self._offsets, self._heads_key], args=[self.partitions]))
+        position = Position(
+            epoch.decode() if epoch else "", tuple(int(o or 0) for o in offsets),
+            tuple(h.decode() if h else "" for h in heads))
+        self._observe(position)
+        return position
+
+    def _observe(self, position: Position) -> None:
+        """Learns what a read saw. Knowledge only moves forward: a history that went back is
+        not adopted here, so the next write finds it and refuses to land on it."""
+        if position.epoch != self._seen_epoch:
+            if self._seen_epoch:
+                return  # a moved epoch is taken up by the next write (verdict 1)
+            self._seen_epoch = position.epoch
+        for p, (offset, head) in enumerate(zip(position.offsets, position.tags, strict=True)):
+            known = self._heads.get(p)
+            if known is None or offset > known[0]:
+                self._heads[p] = (offset, head)
+
+    async def ensure_epoch(self) -> None:
+        """Gives a new (or emptied) Redis its epoch at start-up, so the first subscribers and
+        tokens have one before any write; later, writes create it if it goes missing."""
+        with _unavailable(write=True):
+            await self._r.set(self._epoch, secrets.token_hex(4), nx=True)
+
+    async def rotate_epoch(self, seen: str) -> str:
+        """Starts a new epoch if the current one is still `seen` (else returns the one another
+        instance already started): the history was found replaced under the same offsets."""
+        with _unavailable(write=True):
+            reply = await self._rotate(keys=[self._epoch], args=[seen, secrets.token_hex(4)])
+        epoch = bytes(reply).decode()
+        self._forget(epoch)
+        return epoch
+
+    def _forget(self, epoch: str) -> None:
+        """A new epoch: what was known of the old history says nothing about this one."""
+        self._seen_epoch = epoch
+        self._heads.clear()
+
+    async def eviction_policy(self) -> str | None:
+        """Redis's maxmemory-policy, or None when CONFIG is not allowed (managed Redis)."""
+        try:
+            with _unavailable():
+                reply = await self._r.config_get("maxmemory-policy")
+        except (redis_errors.ResponseError, StoreUnavailable):
+            return None
+        value = reply.get(b"maxmemory-policy", reply.get("maxmemory-policy"))
+        return value.decode() if isinstance(value, bytes) else value
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -300,18 +472,62 @@ class RedisStore:
              encode_event(op.type, op.user, ts)]
             for op, p in zip(ops, partitions, strict=True)
         ], use_bin_type=False)
-        with _unavailable():
-            reply = await self._write(
-                keys=[self._emails, self._ids, self._offsets, self._epoch],
-                args=[secrets.token_hex(4), self._history_size, f"{self._p}:", ts // 1000,
-                      self._history_max_age_ms, packed],
-            )
-        epoch = reply[0].decode()
+        touched = sorted(set(partitions))
+        for _ in range(_WRITE_TRIES):
+            tag = secrets.token_hex(4)
+            known = msgpack.packb(
+                [[p, *self._heads[p]] for p in touched if p in self._heads], use_bin_type=False)
+            reply = await self._run_write(tag, packed, known, ts)
+            epoch = reply[0].decode() if reply[0] else ""
+            verdict = reply[1]
+            if verdict == _APPLIED:
+                break
+            if verdict == _EPOCH_MOVED:
+                # Another instance started a new epoch (or Redis lost it): write there.
+                self._forget(epoch)
+                continue
+            partition, here = reply[2], reply[3]
+            log.error(
+                "the Redis history went back: partition %d is at offset %d, this process had"
+                " seen %d (a replica promoted before it had every write, or a Redis restarted"
+                " from older data); acknowledged writes after it are lost; starting a new"
+                " epoch so every subscriber is told", partition, here, self._heads[partition][0])
+            self._forget(await self.rotate_epoch(epoch))
+        else:
+            raise StoreUnavailable("the event history kept changing under this write; nothing"
+                                   " was written")
+        self._seen_epoch = epoch
         out: list[BulkResult | _Raced] = []
         for i, (op, p) in enumerate(zip(ops, partitions, strict=True)):
-            status, value = reply[1 + 2 * i], reply[2 + 2 * i]
+            status, value = reply[2 + 2 * i], reply[3 + 2 * i]
+            if status == _OK:
+                known_head = self._heads.get(p)
+                if known_head is None or value > known_head[0]:
+                    self._heads[p] = (value, tag)
             out.append(_result(status, value, op, p, epoch, ts))
         return out
+
+    async def _run_write(self, tag: str, packed: bytes, known: bytes, ts: int) -> Any:
+        keys = [self._emails, self._ids, self._offsets, self._epoch, self._heads_key]
+        args: list[Any] = [secrets.token_hex(4), self._history_size, f"{self._p}:", ts // 1000,
+                self._history_max_age_ms, packed, tag, self._seen_epoch, known]
+        with _unavailable(write=True):
+            if not self._replicas_ack:
+                return await self._write(keys=keys, args=args)
+            # WAIT counts the replicas that have this connection's writes, so it must follow
+            # the script on the same connection: one pipeline.
+            async with self._r.pipeline(transaction=False) as pipe:
+                await self._write(keys=keys, args=args, client=pipe)
+                pipe.wait(self._replicas_ack, self._ack_timeout_ms)
+                reply, acked = await pipe.execute()
+        if reply[1] == _APPLIED and acked < self._replicas_ack:
+            metrics.STORE_ERRORS.inc()
+            raise StoreUnavailable(
+                f"the write reached {acked} of the {self._replicas_ack} replica(s)"
+                f" --redis-replicas-ack asks for within {self._ack_timeout_ms} ms: its outcome"
+                " is unknown (it is on the primary, and is lost if the primary fails before a"
+                " replica has it)")
+        return reply
 
     # -- events ---------------------------------------------------------------------------
 
@@ -342,8 +558,15 @@ class RedisStore:
             await pubsub.aclose()
 
     async def ping(self) -> None:
+        """Answers when Redis can serve hub: reachable, loaded, and a primary (a replica
+        refuses every write, so hub is not ready on one)."""
         with _unavailable():
-            await self._r.ping()
+            role = await self._r.execute_command("ROLE")
+        kind = role[0].decode() if isinstance(role[0], bytes) else str(role[0])
+        if kind != "master":
+            raise StoreUnavailable(
+                f"the user store is a read-only {kind}, not a primary: point --redis-url at"
+                " the primary (or use redis+sentinel://)")
 
     async def aclose(self) -> None:
         await self._r.aclose()

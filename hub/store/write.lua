@@ -1,93 +1,186 @@
--- One atomic write of 1..n users: each op changes its record, the email index and the id index,
--- takes the next offset of its partition, appends its event to that partition's stream (the
--- history, bounded by length and age), and the events are PUBLISHed, one message per partition.
--- A refused op changes nothing and does not stop the others (bulk rows are independent).
+#!lua
+-- (The shebang declares this a Redis 7 script with no flags: it may write, so Redis refuses
+-- it WHOLE, before it runs, when memory is over maxmemory or on a read-only replica. Without
+-- it, Redis would fail the first write command inside, after earlier ones had run.)
+--
+-- One atomic write of 1..n users: each op changes its record, the email index and the id
+-- index, takes the next offset of its partition, appends its event to that partition's stream
+-- (the history, bounded by length and age), and the events are PUBLISHed, one message per
+-- partition. A refused op changes nothing and does not stop the others (bulk rows are
+-- independent).
+--
+-- Redis does not roll a script back when a command fails half-way, so the script runs in two
+-- phases: the first only reads and decides every outcome (including what earlier ops of the
+-- same call change), the second only writes, and nothing in it can fail for a reason the
+-- first did not rule out.
 --
 -- KEYS: 1 email index (hash email_key -> id), 2 id index (zset, lex order), 3 offsets (hash
---       partition -> last offset), 4 epoch (string).
+--       partition -> last offset), 4 epoch (string), 5 heads (hash partition -> the tag of
+--       the last write to it).
 -- ARGV: 1 epoch to set if none exists, 2 history max length, 3 key prefix ("hub:"), 4 now (ms),
 --       5 history max age (ms), 6 the ops, one msgpack array of
 --       [kind (c/u/d), id, expected version, old email key, new email key, record, partition,
---        event].
+--        event],
+--       7 this call's tag (random, identifies this write in every partition it touches),
+--       8 the epoch the caller knows ("" if none), 9 what the caller knows of the partitions
+--       this call touches: msgpack array of [partition, last offset, its tag].
 -- The user keys ({prefix}user:{id}) and partition streams ({prefix}log:{p}) are derived here
 -- rather than passed in KEYS: a bulk write touches hundreds, and passing each as an argument
 -- costs more than the write itself. hub runs against one Redis (not a cluster), where that is
 -- allowed.
--- Returns {epoch, status, value, status, value, ...}: status 0 ok (value: offset), 1 not found,
---       2 email taken, 3 version mismatch (value: stored version), 4 id taken.
-local emails, ids, offsets, epoch_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+-- Returns {epoch, verdict, ...}:
+--   verdict 0: applied; then status, value per op: status 0 ok (value: offset), 1 not found,
+--              2 email taken, 3 version mismatch (value: stored version), 4 id taken.
+--   verdict 1: nothing written: the epoch is not the one the caller knows (epoch false: none).
+--   verdict 2: nothing written: the history is behind what the caller saw (a Redis that came
+--              back with older data); then the partition and its offset here.
+local emails, ids, offsets, epoch_key, heads = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local maxlen, prefix = ARGV[2], ARGV[3]
 local now, max_age = tonumber(ARGV[4]), tonumber(ARGV[5])
 local ops = cmsgpack.unpack(ARGV[6])
+local tag, known_epoch = ARGV[7], ARGV[8]
+local known = cmsgpack.unpack(ARGV[9])
+
+-- Phase 1: read and decide. --------------------------------------------------------------
 
 local epoch = redis.call('GET', epoch_key)
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('SET', epoch_key, epoch)
+if known_epoch ~= '' and epoch ~= known_epoch then
+  return {epoch, 1}
+end
+for _, k in ipairs(known) do
+  local p, offset, head = k[1], k[2], k[3]
+  local here = tonumber(redis.call('HGET', offsets, p) or 0)
+  if here < offset or (here == offset and head ~= '' and redis.call('HGET', heads, p) ~= head) then
+    return {epoch, 2, p, here}
+  end
 end
 
-local out = {epoch}
+local out = {epoch or ARGV[1], 0}
+local owner = {}     -- email key -> id, or false: this call's changes to the email index
+local version = {}   -- id -> stored version, or false (absent): this call's changes
 local batches, order = {}, {}
-local created = {}  -- ZADD arguments (score, member, ...) for the ids created
+local applied = {}   -- the ops to write, in order, each with its offset
+
+local function email_owner(key)
+  local o = owner[key]
+  if o == nil then
+    o = redis.call('HGET', emails, key) or false
+    owner[key] = o
+  end
+  return o
+end
+
+local function stored_version(id, user_key)
+  local v = version[id]
+  if v == nil then
+    v = tonumber(redis.call('HGET', user_key, 'v')) or false
+    version[id] = v
+  end
+  return v
+end
+
+local function partition_batch(partition)
+  local batch = batches[partition]
+  if not batch then
+    local key = prefix .. 'log:' .. partition
+    local last = tonumber(redis.call('HGET', offsets, partition) or 0)
+    -- The stream's own last entry: XADD with an id at or below it would fail half-way, so
+    -- offsets always continue past it, even if the offsets hash lost its field.
+    local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
+    if top then
+      local top_offset = tonumber(string.match(top[1], '^(%d+)'))
+      if top_offset > last then last = top_offset end
+    end
+    batch = {first = last + 1, last = last, events = {}, key = key,
+             prev = redis.call('HGET', heads, partition) or ''}
+    batches[partition] = batch
+    order[#order + 1] = partition
+  end
+  return batch
+end
 
 for i = 1, #ops do
   local op = ops[i]
   local kind, id, expected = op[1], op[2], op[3]
-  local old_email, new_email, record, partition = op[4], op[5], op[6], op[7]
+  local old_email, new_email = op[4], op[5]
   local user_key = prefix .. 'user:' .. id
   local status, value = 0, 0
+  local stored = stored_version(id, user_key)
 
   if kind == 'c' then
-    if redis.call('EXISTS', user_key) == 1 then
+    if stored then
       status = 4
-    elseif redis.call('HSETNX', emails, new_email, id) == 0 then
+    elseif email_owner(new_email) then
       status = 2
     else
-      redis.call('HSET', user_key, 'v', 1, 'd', record)
-      created[#created + 1] = 0
-      created[#created + 1] = id
+      owner[new_email] = id
+      version[id] = 1
     end
+  elseif not stored then
+    status = 1
+  elseif stored ~= expected then
+    status, value = 3, stored
+  elseif kind == 'u' then
+    if new_email ~= old_email then
+      local o = email_owner(new_email)
+      if o and o ~= id then
+        status = 2
+      else
+        owner[new_email] = id
+        owner[old_email] = false
+      end
+    end
+    if status == 0 then version[id] = expected + 1 end
   else
-    local stored = tonumber(redis.call('HGET', user_key, 'v'))
-    if not stored then
-      status = 1
-    elseif stored ~= expected then
-      status, value = 3, stored
-    elseif kind == 'u' then
-      if new_email ~= old_email then
-        if redis.call('HSETNX', emails, new_email, id) == 0 then
-          status = 2
-        else
-          redis.call('HDEL', emails, old_email)
-        end
-      end
-      if status == 0 then
-        redis.call('HSET', user_key, 'v', expected + 1, 'd', record)
-      end
-    else
-      redis.call('DEL', user_key)
-      redis.call('HDEL', emails, old_email)
-      redis.call('ZREM', ids, id)
-    end
+    version[id] = false
+    owner[old_email] = false
   end
 
   if status == 0 then
-    -- Offsets are read once per partition and written back once, after the loop.
-    local batch = batches[partition]
-    if not batch then
-      local last = tonumber(redis.call('HGET', offsets, partition) or 0)
-      batch = {first = last + 1, last = last, events = {},
-               key = prefix .. 'log:' .. partition}
-      batches[partition] = batch
-      order[#order + 1] = partition
-    end
+    local batch = partition_batch(op[7])
     batch.last = batch.last + 1
     value = batch.last
-    redis.call('XADD', batch.key, 'MAXLEN', '~', maxlen, value .. '-0', 'e', op[8], 't', now)
     batch.events[#batch.events + 1] = op[8]
+    applied[#applied + 1] = {op, user_key, value, batch}
   end
   out[#out + 1] = status
   out[#out + 1] = value
+end
+
+-- Phase 2: write. ---------------------------------------------------------------------------
+
+if #applied == 0 then
+  return out
+end
+if not epoch then
+  redis.call('SET', epoch_key, ARGV[1])
+end
+
+local created = {}  -- ZADD arguments (score, member, ...) for the ids created
+for _, a in ipairs(applied) do
+  local op, user_key, offset, batch = a[1], a[2], a[3], a[4]
+  local kind, id, old_email, new_email = op[1], op[2], op[4], op[5]
+  if kind == 'c' then
+    redis.call('HSET', user_key, 'v', 1, 'd', op[6])
+    redis.call('HSET', emails, new_email, id)
+    created[#created + 1] = 0
+    created[#created + 1] = id
+  elseif kind == 'u' then
+    if new_email ~= old_email then
+      redis.call('HSET', emails, new_email, id)
+      redis.call('HDEL', emails, old_email)
+    end
+    redis.call('HSET', user_key, 'v', op[3] + 1, 'd', op[6])
+  else
+    redis.call('DEL', user_key)
+    redis.call('HDEL', emails, old_email)
+    redis.call('ZREM', ids, id)
+  end
+  -- g: the tag of the write that made this entry, q: the tag of the write before it in this
+  -- partition; a reader that knows the tag at its position can tell a continuation from a
+  -- history that was replaced under the same offsets.
+  redis.call('XADD', batch.key, 'MAXLEN', '~', maxlen, offset .. '-0', 'e', op[8], 't', now,
+             'g', tag, 'q', batch.prev)
 end
 
 -- One ZADD per few hundred ids instead of one per id (unpack has a stack limit).
@@ -118,13 +211,16 @@ local function trim_by_age(key)
   end
 end
 
--- Message: msgpack(epoch, partition, first offset, count) followed by the events' msgpack,
--- back to back: a listener that needs none of them skips the batch without decoding it.
+-- Message: msgpack(epoch, partition, first offset, count, previous tag, tag) followed by the
+-- events' msgpack, back to back: a listener that needs none of them skips the batch without
+-- decoding it, yet still checks that it continues what it has.
 for _, partition in ipairs(order) do
   local batch = batches[partition]
   redis.call('HSET', offsets, partition, batch.last)
+  redis.call('HSET', heads, partition, tag)
   trim_by_age(batch.key)
   redis.call('PUBLISH', prefix .. 'ev:' .. partition,
-    cmsgpack.pack(epoch, partition, batch.first, #batch.events) .. table.concat(batch.events))
+    cmsgpack.pack(out[1], partition, batch.first, #batch.events, batch.prev, tag)
+    .. table.concat(batch.events))
 end
 return out
