@@ -258,7 +258,7 @@ class SentinelProcess:
 
     def master_port(self) -> int:
         with redis.Redis(port=self.port, socket_timeout=2, decode_responses=True) as client:
-            host, port = client.execute_command(
+            _host, port = client.execute_command(
                 "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
             return int(port)
 
