@@ -43,6 +43,13 @@ _REFLECTION = (
 )
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+# The NumericDate claims (RFC 7519 section 4.1): seconds since the epoch, as JSON numbers.
+_TIME_CLAIMS = ("exp", "iat", "nbf")
+
+
+def _is_number(value: object) -> bool:
+    # bool is an int in Python, not a number in JSON.
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class TokenVerifier:
@@ -90,6 +97,13 @@ class TokenVerifier:
         scope = claims.get("scope", "")
         if not isinstance(scope, str) or not isinstance(claims["sub"], str):
             raise Unauthenticated("invalid token: sub and scope must be strings")
+        for name in _TIME_CLAIMS:
+            # PyJWT checks them with int(), which also takes the string "9999999999" and
+            # true. RFC 7519 makes them JSON numbers: such a token is malformed (a signer's
+            # bug, or a claim set built from untyped input), and hub must not be the one
+            # verifier that accepts it.
+            if name in claims and not _is_number(claims[name]):
+                raise Unauthenticated(f"invalid token: {name} must be a number")
         return Principal(claims["sub"], frozenset(scope.split()), float(claims["exp"]))
 
 

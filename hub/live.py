@@ -34,7 +34,7 @@ from hub.api.user.v1 import common_pb2, user_sync_service_pb2, user_sync_service
 from hub.domain import Position
 from hub.fanout import Encoded, Fanout, Subscription
 from hub.ops import UserOps
-from hub.principal import caller
+from hub.principal import READ, caller
 from hub.settings import Settings
 from hub.status import code_of, to_status
 from hub.validation import check, user_id_violation
@@ -245,6 +245,10 @@ class _Stream:
         if self._subscribes > settings.max_subscribes_per_stream:
             raise errors.LimitExceeded(
                 "subscribe", f"at most {settings.max_subscribes_per_stream} per stream")
+        if sub.snapshot:
+            # A snapshot is every followed user's record (email, name): what GetUser and
+            # ListUsers show only to users:read. Live events stay open to users:subscribe.
+            caller().require(READ, "subscribe.snapshot")
         limit = settings.max_subscription_users
         check(
             *(user_id_violation(u, f"subscribe.user_ids[{i}]")

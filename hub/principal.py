@@ -17,9 +17,12 @@ class Principal:
     scopes: frozenset[str]
     expires_at: float  # epoch seconds; inf for a call on a public method without a token
 
-    def require(self, scope: str) -> None:
+    def require(self, scope: str, what: str = "") -> None:
+        """PermissionDenied unless the principal has `scope`; `what` names what needs it,
+        when that is not the whole method."""
         if scope not in self.scopes:
-            raise PermissionDenied(f"{self.subject} lacks scope {scope}")
+            raise PermissionDenied(
+                f"{self.subject} lacks scope {scope}" + (f" (needed for {what})" if what else ""))
 
 
 ANONYMOUS = Principal("anonymous", frozenset({READ, WRITE, SUBSCRIBE}), float("inf"))

@@ -279,7 +279,8 @@ async def test_user_updates_needs_the_subscribe_scope() -> None:
     async with serving() as hub:
         denied = hub.users.UserUpdates(metadata=bearer(mint(f"{READ} {WRITE}")), timeout=10)
         assert await denied.code() == PERMISSION_DENIED
-        call = hub.users.UserUpdates(metadata=bearer(mint(SUBSCRIBE)), timeout=10)
+        # users:read as well: the snapshot shows records (tests/test_scopes.py).
+        call = hub.users.UserUpdates(metadata=bearer(mint(f"{SUBSCRIBE} {READ}")), timeout=10)
         await call.write(pb.UserUpdateRequest(subscribe=common_pb2.Subscribe(snapshot=True)))
         with anyio.fail_after(5):
             assert (await call.read()).id == hub.seed
@@ -290,7 +291,8 @@ async def test_sync_needs_the_subscribe_scope() -> None:
     async with serving() as hub:
         denied = hub.sync.Sync(metadata=bearer(mint(f"{READ} {WRITE}")), timeout=10)
         assert await denied.code() == PERMISSION_DENIED
-        call = hub.sync.Sync(metadata=bearer(mint(SUBSCRIBE)), timeout=10)
+        # users:read as well: the snapshot shows records (tests/test_scopes.py).
+        call = hub.sync.Sync(metadata=bearer(mint(f"{SUBSCRIBE} {READ}")), timeout=10)
         await call.write(spb.SyncRequest(subscribe=common_pb2.Subscribe(snapshot=True)))
         with anyio.fail_after(5):
             assert [e.user.id for e in (await call.read()).events] == [hub.seed]
@@ -426,7 +428,7 @@ async def test_change_after_token_expiry_is_refused_while_the_writer_is_stalled(
             await hub.server.store.create(
                 NewUser.build(f"u{i}@example.com", "x" * 200, UserStatus.ACTIVE))
         expires = int(time.time()) + 2
-        token = mint(f"{SUBSCRIBE} {WRITE}", exp=expires)
+        token = mint(f"{SUBSCRIBE} {WRITE} {READ}", exp=expires)  # READ: for the snapshot
         # Without BDP probing the window stays at 64 KiB: a ~0.5 MB snapshot this client
         # never reads keeps the server's writer waiting in context.write.
         async with grpc.aio.insecure_channel(hub.target,
@@ -523,8 +525,8 @@ async def test_async_client_sends_its_token() -> None:
 
 async def test_sync_feed_sends_its_token() -> None:
     async with serving() as hub:
-        feed = SyncFeed(hub.target, snapshot=True,
-                        credentials=Credentials(token=mint(SUBSCRIBE)))
+        feed = SyncFeed(hub.target, snapshot=True,  # a snapshot needs users:read too
+                        credentials=Credentials(token=mint(f"{SUBSCRIBE} {READ}")))
         async with feed:
             with anyio.fail_after(10):
                 async for item in feed:
