@@ -222,7 +222,8 @@ class HubServer:
         if not isinstance(self.store, RedisStore):
             return
         try:
-            policy = await asyncio.wait_for(self.store.eviction_policy(), 3)
+            async with asyncio.timeout(3):
+                policy = await self.store.eviction_policy()
         except TimeoutError:
             policy = None
         if policy is None:
@@ -238,7 +239,8 @@ class HubServer:
             log.warning("Redis's maxmemory-policy is %s (--allow-evicting-redis): users and"
                         " history may vanish silently when Redis is full", policy)
         with contextlib.suppress(StoreUnavailable, TimeoutError):
-            await asyncio.wait_for(self.store.ensure_epoch(), 3)
+            async with asyncio.timeout(3):
+                await self.store.ensure_epoch()
 
     async def _store_ok(self) -> bool:
         return await self._store_problem() is None
@@ -246,7 +248,11 @@ class HubServer:
     async def _store_problem(self) -> str | None:
         """Why the store cannot serve now, or None when it answers."""
         try:
-            await asyncio.wait_for(self.store.ping(), timeout=2)
+            # asyncio.timeout, not wait_for: on Python 3.11, wait_for returns the result of a
+            # ping that finished just as the task was cancelled and drops the cancellation,
+            # which left this loop running through shutdown.
+            async with asyncio.timeout(2):
+                await self.store.ping()
         except StoreUnavailable as exc:
             return str(exc)
         except TimeoutError:

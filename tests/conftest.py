@@ -4,28 +4,27 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 import redis
 
+from harness.redis import REDIS_SERVER, RedisProcess, dying_with_parent, free_port
 from hub.api.user.v1 import user_service_pb2_grpc
 from hub.server import HubServer
 from hub.settings import Settings
 from hub.store.base import Store
 from hub.store.memory import MemoryStore
 from hub.store.redis import RedisStore
-from loadtest._bench_procs import dying_with_parent
 
-REDIS_SERVER = shutil.which("redis-server")
+__all__ = ["REDIS_SERVER", "HubProcess", "RedisProcess", "dying_with_parent", "free_port",
+           "wait_for_redis"]
 
 
 @pytest.fixture(scope="session")
@@ -42,12 +41,6 @@ def one_event_loop(anyio_backend: str) -> Iterator[None]:
 
     with get_runner(anyio_backend, {}):
         yield
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_redis(
@@ -67,50 +60,6 @@ def wait_for_redis(
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
-
-
-@dataclass
-class RedisProcess:
-    """A redis-server of our own, so tests can flush, kill and restart it freely."""
-
-    dir: Path
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    # Durable: every write is fsynced to an append-only file before Redis answers it.
-    persistent: bool = False
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        if REDIS_SERVER is None:
-            pytest.fail("redis-server not on PATH: install Redis 7 (apt-get install redis-server)")
-        # Redis's own log, so a server that dies on start says why in the failure.
-        log = self.dir / f"redis-{self.port}.log"
-        self.proc = subprocess.Popen(
-            dying_with_parent(
-                [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--dir", str(self.dir), "--logfile", str(log),
-                 *(["--appendonly", "yes", "--appendfsync", "always"] if self.persistent
-                   else ["--appendonly", "no"])]),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-
-        def died() -> None:
-            tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
-            pytest.fail(f"redis-server exited with {self.proc and self.proc.returncode}:\n{tail}")
-
-        with redis.Redis(port=self.port) as client:
-            wait_for_redis(client, self.proc, on_exit=died)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port)
 
 
 @pytest.fixture(scope="session")

@@ -547,9 +547,14 @@ class RedisStore:
                     confirmed += message[0] in (b"subscribe", "subscribe")
 
             async def batches() -> AsyncIterator[EventBatch]:
+                task = asyncio.current_task()
                 while True:
                     with _unavailable():
                         message = await pubsub.get_message(timeout=None)
+                    if task is not None and task.cancelling():
+                        # redis-py's blocking read can return None where it was cancelled
+                        # (seen: shutdown hung on a listener that went back to waiting).
+                        raise asyncio.CancelledError
                     if message is not None and message["type"] == "message":
                         yield decode_batch(message["data"])
 
@@ -560,8 +565,16 @@ class RedisStore:
     async def ping(self) -> None:
         """Answers when Redis can serve hub: reachable, loaded, and a primary (a replica
         refuses every write, so hub is not ready on one)."""
-        with _unavailable():
-            role = await self._r.execute_command("ROLE")
+        try:
+            with _unavailable():
+                role = await self._r.execute_command("ROLE")
+        except StoreUnavailable as exc:
+            if not isinstance(exc.__cause__, redis_errors.NoPermissionError):
+                raise
+            # An ACL user without ROLE: a plain PING still says whether Redis answers.
+            with _unavailable():
+                await self._r.ping()
+            return
         kind = role[0].decode() if isinstance(role[0], bytes) else str(role[0])
         if kind != "master":
             raise StoreUnavailable(
