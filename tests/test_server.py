@@ -19,7 +19,7 @@ from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
 from hub.server import SYNC_SERVICE, USER_SERVICE, HubServer
 from hub.settings import Settings
 from hub.store.redis import RedisStore
-from tests.conftest import HubProcess, RedisProcess
+from tests.conftest import HubProcess, RedisProcess, free_port
 
 pytestmark = pytest.mark.anyio
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -192,3 +192,22 @@ async def test_redis_restart_loses_nothing_acknowledged(tmp_path: Path) -> None:
             assert listed == acknowledged
     finally:
         redis_proc.stop()
+
+
+async def test_metrics_bind_loopback_unless_metrics_host_says_otherwise(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """/metrics has no authentication: serving gRPC on every interface must not open it to the
+    network too. It binds --metrics-host (loopback by default), with a warning elsewhere."""
+    public = Settings(host="0.0.0.0", port=0, insecure=True, metrics_port=free_port())
+    async with HubServer(public) as hub:
+        assert hub._metrics is not None
+        assert hub._metrics._server.server_address[0] == "127.0.0.1"
+    assert not [r for r in caplog.records if "--metrics-host" in r.getMessage()]
+    opened = Settings(port=0, metrics_port=free_port(), metrics_host="0.0.0.0")
+    with caplog.at_level("WARNING"):
+        async with HubServer(opened) as hub:
+            assert hub._metrics is not None
+            assert hub._metrics._server.server_address[0] == "0.0.0.0"
+    assert any("--metrics-host 0.0.0.0" in r.getMessage() and r.levelname == "WARNING"
+               for r in caplog.records)
