@@ -24,19 +24,20 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from typing import Any, TypeAlias
 
 import grpc
 
 from hub import errors, metrics, tokens
 from hub.api.user.v1 import common_pb2, user_sync_service_pb2, user_sync_service_pb2_grpc
-from hub.domain import Position
+from hub.domain import Position, User
 from hub.fanout import Encoded, Fanout, Subscription
 from hub.ops import UserOps
 from hub.principal import READ, caller
 from hub.settings import Settings
 from hub.status import code_of, to_status
+from hub.store.base import Store
 from hub.validation import check, user_id_violation
 from hub.wire import RESUME_TOKEN_KEY, encode_snapshot, sync_response, user_to_pb
 
@@ -44,6 +45,13 @@ log = logging.getLogger(__name__)
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 _SNAPSHOT_PAGE = 500
+# Ids of one Subscribe/Unsubscribe validated, or added to the subscription, between two turns
+# of the event loop: a stream sending Subscribes of 10,000 ids one after another must not hold
+# every other call up for the whole of each.
+_ID_CHUNK = 1000
+# Users of a named-users snapshot read from the store at once (one batch in flight per stream,
+# well under the Redis pool, so other calls still get connections).
+_SNAPSHOT_READS = 100
 # Room left in a response for its token, change results and framing.
 _RESPONSE_HEADROOM = 64 * 1024
 
@@ -187,7 +195,7 @@ class _Stream:
     # Slots, and lists made only when there is something to put in them: one of these lives
     # for every open stream, and most are idle.
     __slots__ = ("_active", "_batched", "_beat", "_context", "_controls", "_live", "_results",
-                 "_sub", "_subscribes", "token")
+                 "_sub", "_subscribes", "_taken", "token")
 
     def __init__(
         self, live: LiveStreams, sub: Subscription, context: Context, batched: bool
@@ -197,6 +205,7 @@ class _Stream:
         self._context = context
         self._batched = batched
         self._controls: list[common_pb2.Subscribe | common_pb2.Unsubscribe] | None = None
+        self._taken: asyncio.Future[None] | None = None  # the reader waits for the writer
         self._results: list[user_sync_service_pb2.ChangeResult] | None = None
         self._subscribes = 0  # Subscribe requests read so far
         self._active = False  # the writer has set up the first subscription
@@ -222,24 +231,30 @@ class _Stream:
     async def _take(self, request: Any) -> None:
         kind = request.WhichOneof("request")
         if kind == "subscribe":
-            self._check_subscribe(request.subscribe)
-            self._control_later(request.subscribe)
+            await self._check_subscribe(request.subscribe)
+            await self._control_later(request.subscribe)
         elif kind == "unsubscribe":
-            check(*(user_id_violation(u, f"unsubscribe.user_ids[{i}]")
-                    for i, u in enumerate(request.unsubscribe.user_ids)))
-            self._control_later(request.unsubscribe)
+            check(*await _id_violations(request.unsubscribe.user_ids, "unsubscribe.user_ids"))
+            await self._control_later(request.unsubscribe)
         elif kind == "change":
             await self._change(request.change)
         else:
             raise errors.InvalidArgument.of("request", "names no subscribe, unsubscribe"
                                             " or change")
 
-    def _control_later(self, request: common_pb2.Subscribe | common_pb2.Unsubscribe) -> None:
-        if self._controls is None:
-            self._controls = []
-        self._controls.append(request)
+    async def _control_later(
+        self, request: common_pb2.Subscribe | common_pb2.Unsubscribe
+    ) -> None:
+        """Queues `request` for the writer, once it has taken the one queued before: the
+        reader stops reading meanwhile (so gRPC's flow control stops the client), and a
+        stream cannot pile up Subscribes of 10,000 ids in memory behind a writer that is
+        busy, or stalled on its client."""
+        while self._controls:
+            self._taken = asyncio.get_running_loop().create_future()
+            await self._taken
+        self._controls = [request]
 
-    def _check_subscribe(self, sub: common_pb2.Subscribe) -> None:
+    async def _check_subscribe(self, sub: common_pb2.Subscribe) -> None:
         self._subscribes += 1
         settings = self._live.settings
         if self._subscribes > settings.max_subscribes_per_stream:
@@ -250,11 +265,11 @@ class _Stream:
             # ListUsers show only to users:read. Live events stay open to users:subscribe.
             caller().require(READ, "subscribe.snapshot")
         limit = settings.max_subscription_users
+        if len(sub.user_ids) > limit:
+            # Refused before its ids are looked at: the count alone decides.
+            check(errors.FieldViolation("subscribe.user_ids", f"at most {limit} users"))
         check(
-            *(user_id_violation(u, f"subscribe.user_ids[{i}]")
-              for i, u in enumerate(sub.user_ids)),
-            errors.FieldViolation("subscribe.user_ids", f"at most {limit} users")
-            if len(sub.user_ids) > limit else None,
+            *await _id_violations(sub.user_ids, "subscribe.user_ids"),
             errors.FieldViolation("subscribe.resume_token", "only on a stream's first Subscribe")
             if sub.resume_token and self._subscribes > 1 else None,
             errors.FieldViolation("subscribe.conflate", "only on a stream's first Subscribe")
@@ -298,9 +313,12 @@ class _Stream:
     async def _act(self) -> None:
         """Acts on the controls read so far, and on any the reader adds meanwhile."""
         while self._controls:
-            # Taken whole: the reader may add more while one is acted on; they are taken
-            # next, still before anything newer is flushed.
+            # Taken whole: the reader may add the next while one is acted on (it waits for
+            # this take); that one is taken next, still before anything newer is flushed.
             controls, self._controls = self._controls, None
+            taken, self._taken = self._taken, None
+            if taken is not None and not taken.done():
+                taken.set_result(None)
             for request in controls:
                 await self._control(request)
 
@@ -347,21 +365,34 @@ class _Stream:
 
     async def _control(self, request: common_pb2.Subscribe | common_pb2.Unsubscribe) -> None:
         if isinstance(request, common_pb2.Unsubscribe):
-            self._sub.remove_users(request.user_ids or None)
+            if not request.user_ids:
+                self._sub.remove_users(None)
+            async for _, chunk in _in_chunks(request.user_ids):
+                self._sub.remove_users(chunk)
             return
-        fanout = self._live.fanout
         users: set[str] | None = set(request.user_ids) or None
         if not self._active:
+            if users is not None:
+                await self._check_stream_users(list(users), set())
             self._sub.conflate = request.conflate
             self._active = True
             if self._batched:  # UserUpdates has no heartbeats
                 self._live.heartbeats.add(self)
-        merged = None if users is None or self._sub.users is None else self._sub.users | users
+            await self._first(request, users)
+        else:
+            await self._add(users)
+        if request.snapshot and not request.resume_token:  # a resume replays instead
+            await self._snapshot(users)
+
+    async def _first(self, request: common_pb2.Subscribe, users: set[str] | None) -> None:
+        """The stream's first Subscribe: its users are indexed in one step, at the origin its
+        token and any replay start from (at most max_subscription_users ids)."""
+        fanout = self._live.fanout
         if request.resume_token:
             start = tokens.decode(request.resume_token, fanout.partitions)
             try:
                 await fanout.reach(start)
-                fanout.restart(self._sub, merged)
+                fanout.restart(self._sub, users)
                 self.token = request.resume_token
                 async for items, position in fanout.replay(self._sub, start):
                     await self._send(items, tokens.encode(position))
@@ -370,11 +401,39 @@ class _Stream:
                 raise
             metrics.RESUMES.labels("resumed").inc()
             return
-        fanout.restart(self._sub, merged)
+        fanout.restart(self._sub, users)
         if not self.token:
             self.token = self._live.token(self._sub.origin)
-        if request.snapshot:
-            await self._snapshot(users)
+
+    async def _add(self, users: set[str] | None) -> None:
+        """A later Subscribe: its users join the subscription, each live from when it is
+        added. Costs the ids given, a chunk at a time, never the ids already followed."""
+        followed = self._sub.users
+        if users is None or followed is None:
+            self._sub.add_users(users)  # all users: one entry, however many there are
+            return
+        ids = list(users)
+        await self._check_stream_users(ids, followed)
+        async for _, chunk in _in_chunks(ids):
+            if self._sub.error is not None:
+                return  # ended meanwhile (the writer raises it next): nothing to route to
+            self._sub.add_users(chunk)
+
+    async def _check_stream_users(self, ids: Sequence[str], followed: set[str]) -> None:
+        """LimitExceeded, with nothing changed yet, when following `ids` (distinct) as well
+        would take the stream past max_stream_users users."""
+        limit = self._live.settings.max_stream_users
+        fresh = len(ids)
+        if followed:
+            fresh = 0
+            async for _, chunk in _in_chunks(ids):
+                fresh += sum(1 for u in chunk if u not in followed)
+        total = len(followed) + fresh
+        if total > limit:
+            raise errors.LimitExceeded(
+                "subscribe.user_ids",
+                f"a stream may follow at most {limit} users in all; this Subscribe would make"
+                f" it {total} (unsubscribe some, or open another stream)")
 
     async def _snapshot(self, users: set[str] | None) -> None:
         """The current state of `users` (None: everyone) as SNAPSHOT events. The token stays
@@ -390,12 +449,43 @@ class _Stream:
                 if len(page) < _SNAPSHOT_PAGE:
                     break
         else:
-            found = []
-            for user_id in sorted(users):
-                try:
-                    found.append(encode_snapshot(await store.get(user_id)))
-                except errors.NotFound:
-                    continue
-            await self._send(found, self.token)
+            # Read _SNAPSHOT_READS at a time, concurrently: one round trip per batch rather
+            # than per user, with one batch of one stream in flight at once.
+            ids = sorted(users)
+            found: list[Encoded] = []
+            for start in range(0, len(ids), _SNAPSHOT_READS):
+                batch = ids[start:start + _SNAPSHOT_READS]
+                found += [encode_snapshot(user) for user in
+                          await asyncio.gather(*(_get(store, u) for u in batch)) if user]
+                if len(found) >= _SNAPSHOT_PAGE:
+                    await self._send(found, self.token)
+                    found = []
+            if found:
+                await self._send(found, self.token)
         if self._batched:
             await self._send([], self.token, complete=True)
+
+
+async def _get(store: Store, user_id: str) -> User | None:
+    try:
+        return await store.get(user_id)
+    except errors.NotFound:
+        return None
+
+
+async def _in_chunks(ids: Sequence[str]) -> AsyncIterator[tuple[int, Sequence[str]]]:
+    """`ids` in runs of _ID_CHUNK (with the index of each run's first id), the event loop
+    taking a turn between two runs."""
+    for start in range(0, len(ids), _ID_CHUNK):
+        if start:
+            await asyncio.sleep(0)
+        yield start, ids[start:start + _ID_CHUNK]
+
+
+async def _id_violations(ids: Sequence[str], field: str) -> list[errors.FieldViolation]:
+    """A violation per malformed id, every one of them (check reports them all at once)."""
+    found: list[errors.FieldViolation] = []
+    async for start, chunk in _in_chunks(ids):
+        found += [v for i, u in enumerate(chunk, start)
+                  if (v := user_id_violation(u, f"{field}[{i}]")) is not None]
+    return found

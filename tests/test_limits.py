@@ -202,6 +202,55 @@ async def test_too_many_subscribes_on_one_stream_is_resource_exhausted(batched: 
         assert await all_emails(users) == []
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["Sync", "UserUpdates"])
+async def test_a_stream_past_max_stream_users_is_resource_exhausted(batched: bool) -> None:
+    """The stream's distinct followed ids count, Subscribes added up: an id named twice counts
+    once, an unsubscribed one no longer counts."""
+    async with serving(max_stream_users=3) as (_, channel):
+        users = UserServiceStub(channel)
+        ids = [(await users.CreateUser(pb.CreateUserRequest(email=f"t{i}@example.com"),
+                                       timeout=5)).id for i in range(4)]
+        if batched:
+            call = UserSyncServiceStub(channel).Sync(timeout=10)
+            make = spb.SyncRequest
+        else:
+            call = users.UserUpdates(timeout=10)
+            make = pb.UserUpdateRequest
+        for request in (common_pb2.Subscribe(user_ids=ids[:2]),
+                        common_pb2.Subscribe(user_ids=[ids[1], ids[2], ids[2]])):  # 3 in all
+            await call.write(make(subscribe=request))
+        await call.write(make(unsubscribe=common_pb2.Unsubscribe(user_ids=[ids[0]])))
+        await call.write(make(subscribe=common_pb2.Subscribe(user_ids=[ids[0]])))  # 3 again
+        await anyio.sleep(0.3)
+        await users.UpdateUser(pb.UpdateUserRequest(
+            user=common_pb2.User(id=ids[0], name="still followed"),
+            update_mask={"paths": ["name"]}), timeout=5)
+        with anyio.fail_after(5):
+            while True:
+                response = await call.read()
+                names = ([e.user.name for e in response.events] if batched
+                         else [response.name])
+                if names:
+                    break
+        assert names == ["still followed"]
+        await call.write(make(subscribe=common_pb2.Subscribe(user_ids=[ids[3]])))
+        err = await stream_error(call)
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        (quota,) = details_of(err, error_details_pb2.QuotaFailure)
+        assert quota.violations[0].subject == "subscribe.user_ids"
+        assert "at most 3 users" in (err.details() or "")
+        assert "would make it 4" in (err.details() or "")
+
+
+async def test_a_first_subscribe_past_max_stream_users_is_refused() -> None:
+    async with serving(max_stream_users=3) as (_, channel):
+        call = UserSyncServiceStub(channel).Sync(timeout=10)
+        await call.write(spb.SyncRequest(subscribe=common_pb2.Subscribe(user_ids=USER_IDS[:4])))
+        err = await stream_error(call)
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "would make it 4" in (err.details() or "")
+
+
 # -- bulk rows ------------------------------------------------------------------------------
 
 

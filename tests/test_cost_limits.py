@@ -1,0 +1,248 @@
+"""What one client can make a hub spend: a stream's followed ids in all, the work of each
+Subscribe, an ImportUsers message's rows, request metadata, and many calls at once on one
+connection. Each is bounded, refused before the work, or queued; and other clients' calls
+meanwhile still answer promptly.
+
+The hubs run as `hub serve` processes, so their memory (psutil RSS) and their answers are
+measured apart from the test's own clients."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import grpc
+import psutil
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from hub.api.user.v1 import common_pb2
+from hub.api.user.v1 import user_service_pb2 as pb
+from hub.api.user.v1 import user_sync_service_pb2 as spb
+from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
+from tests.conftest import HubProcess
+
+pytestmark = pytest.mark.anyio
+
+MiB = 1024 * 1024
+SYNC = "/user.v1.UserSyncService/Sync"
+USER_UPDATES = "/user.v1.UserService/UserUpdates"
+IMPORT = "/user.v1.UserService/ImportUsers"
+# A GetUser on an otherwise idle hub answers in about a millisecond; half a second is what a
+# caller would call a stall.
+PROMPT = 0.5
+
+
+def fake_ids(start: int, count: int) -> list[str]:
+    """Well-formed user ids (26-character ULIDs) that no user has."""
+    return [f"7ZZZZZZZZZZZZZZZZ{n:09d}" for n in range(start, start + count)]
+
+
+def rss(hub: HubProcess) -> int:
+    return int(psutil.Process(hub.proc.pid).memory_info().rss)
+
+
+def quota_subjects(err: grpc.RpcError) -> list[str]:
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None, "no google.rpc.Status in the trailers"
+    subjects = []
+    for detail in status.details:
+        quota = error_details_pb2.QuotaFailure()
+        if detail.Unpack(quota):
+            subjects += [v.subject for v in quota.violations]
+    return subjects
+
+
+@dataclass
+class Probe:
+    """Another client's GetUser, over and over on its own connection, while the hub is
+    under some load: how long each took, and the hub's RSS at each."""
+
+    hub: HubProcess
+    user_id: str
+    latencies: list[float] = field(default_factory=list)
+    rss: list[int] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    async def run(self, stop: anyio.Event) -> None:
+        async with grpc.aio.insecure_channel(self.hub.target) as channel:
+            stub = UserServiceStub(channel)
+            await stub.GetUser(pb.GetUserRequest(user_id=self.user_id), timeout=5)
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    await stub.GetUser(pb.GetUserRequest(user_id=self.user_id), timeout=5)
+                except grpc.aio.AioRpcError as err:
+                    self.failures.append(f"{err.code().name}: {err.details()}")
+                self.latencies.append(time.monotonic() - started)
+                self.rss.append(rss(self.hub))
+                await anyio.sleep(0.01)
+
+    @property
+    def slowest(self) -> float:
+        return max(self.latencies)
+
+    def p99(self) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[int(len(ordered) * 0.99)]
+
+
+@asynccontextmanager
+async def probing(hub: HubProcess, user_id: str) -> AsyncIterator[Probe]:
+    """A Probe running for the length of the block."""
+    probe = Probe(hub, user_id)
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(probe.run, stop)
+        while not probe.latencies:
+            await anyio.sleep(0.01)
+        yield probe
+        stop.set()
+    assert not probe.failures, probe.failures[:3]
+
+
+async def seed_user(hub: HubProcess) -> str:
+    async with grpc.aio.insecure_channel(hub.target) as channel:
+        user = await UserServiceStub(channel).CreateUser(
+            pb.CreateUserRequest(email="seed@example.com", name="Seed"), timeout=5)
+    return user.id
+
+
+def subscribes(batched: bool, id_lists: Sequence[Sequence[str]]) -> list[bytes]:
+    """The Subscribe requests, serialized ahead: the flood costs the test's client nothing
+    while it is measured."""
+    kind: Callable[..., Any] = spb.SyncRequest if batched else pb.UserUpdateRequest
+    return [kind(subscribe=common_pb2.Subscribe(user_ids=ids)).SerializeToString()
+            for ids in id_lists]
+
+
+def raw_stream(channel: grpc.aio.Channel, batched: bool) -> Any:
+    method = channel.stream_stream(
+        SYNC if batched else USER_UPDATES, request_serializer=None,
+        response_deserializer=spb.SyncResponse.FromString if batched else
+        common_pb2.User.FromString)
+    return method(timeout=120)
+
+
+def send_all(target: str, batched: bool, messages: list[bytes]) -> tuple[grpc.RpcError, int]:
+    """Sends `messages` on one stream, as fast as it takes them, until the hub ends it; its
+    status, and how many messages gRPC took. (The blocking API, in a thread: grpc.aio turns
+    a write that meets the end of its call into INTERNAL, hiding the hub's status.)"""
+    taken = 0
+
+    def requests() -> Any:
+        nonlocal taken
+        for message in messages:
+            yield message
+            taken += 1
+
+    with grpc.insecure_channel(target) as channel:
+        call = channel.stream_stream(SYNC if batched else USER_UPDATES,
+                                     request_serializer=None, response_deserializer=None)
+        try:
+            for _ in call(requests(), timeout=20):
+                pass
+        except grpc.RpcError as err:
+            return err, taken
+    raise AssertionError("the stream ended OK")
+
+
+STREAMS = pytest.mark.parametrize("batched", [True, False], ids=["Sync", "UserUpdates"])
+
+
+# -- followed ids per stream ----------------------------------------------------------------
+
+
+@STREAMS
+async def test_a_subscribe_flood_is_refused_past_max_stream_users_and_others_are_served(
+    hub_process: Callable[..., HubProcess], batched: bool
+) -> None:
+    """100 Subscribes of 10,000 new ids each on one stream: the third would take it past
+    max_stream_users (20,000), and ends it RESOURCE_EXHAUSTED. Before that limit existed the
+    stream could follow a million ids, each Subscribe rebuilding the whole set: minutes of
+    the event loop and hundreds of MB."""
+    hub = hub_process()
+    seed = await seed_user(hub)
+    flood = subscribes(batched, [fake_ids(i * 10_000, 10_000) for i in range(100)])
+    before = rss(hub)
+    async with probing(hub, seed) as probe:
+        started = time.monotonic()
+        with anyio.fail_after(30):
+            err, sent = await anyio.to_thread.run_sync(send_all, hub.target, batched, flood)
+        elapsed = time.monotonic() - started
+    grown = max(probe.rss) - before
+    print(f"\nrefused after {sent} Subscribes taken, in {elapsed:.2f}s; GetUser slowest"
+          f" {probe.slowest * 1000:.1f} ms over {len(probe.latencies)} calls; RSS"
+          f" +{grown / MiB:.1f} MiB")
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+    assert quota_subjects(err) == ["subscribe.user_ids"]
+    assert "at most 20000 users" in (err.details() or "")
+    assert sent < 100, "every Subscribe was taken"
+    assert elapsed < 5, f"the flood took {elapsed:.1f}s to refuse"
+    assert probe.slowest < PROMPT, f"a GetUser took {probe.slowest:.3f}s during the flood"
+    # Two Subscribes' worth of ids indexed (20,000 x ~400 bytes: the id, its entry in the
+    # stream's set, in the engine's index and the one-element set there: ~8 MB), plus what is
+    # in flight: the few requests the reader holds (it reads the next only once the writer has
+    # taken the last: ~0.3 MB of ids each, several times that parsed) and gRPC's buffers.
+    assert grown < 40 * MiB, f"the hub grew by {grown / MiB:.0f} MiB"
+
+
+async def test_subscribes_cost_the_ids_they_add_not_the_ids_followed(
+    hub_process: Callable[..., HubProcess],
+) -> None:
+    """With the total limit raised to a million, all 100 Subscribes of 10,000 new ids are
+    taken, and the whole flood costs about what indexing a million ids costs: each
+    Subscribe is validated and added 1,000 ids at a time, other calls in between."""
+    hub = hub_process(HUB_MAX_STREAM_USERS="1000000", HUB_HEARTBEAT_INTERVAL="60")
+    seed = await seed_user(hub)
+    id_lists = [fake_ids(i * 10_000, 10_000) for i in range(100)]
+    id_lists[-1][-1] = seed  # the last Subscribe names a real user: its event says "all done"
+    flood = subscribes(True, id_lists)
+    before = rss(hub)
+    async with probing(hub, seed) as probe, \
+            grpc.aio.insecure_channel(hub.target) as channel:
+        stub = UserServiceStub(channel)
+        started = time.monotonic()
+        call = raw_stream(channel, True)
+        followed = anyio.Event()
+
+        async def watch() -> None:
+            async for response in call:
+                if any(e.user.id == seed for e in response.events):
+                    followed.set()
+                    return
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch)
+                for message in flood:
+                    await call.write(message)
+                written = time.monotonic() - started
+                # A change is an event on the stream only once the seed is followed, that is
+                # once the hub has acted on all 100 Subscribes (it acts on them in order).
+                for version in range(2, 10_000):
+                    await stub.UpdateUser(pb.UpdateUserRequest(
+                        user=common_pb2.User(id=seed, name=f"v{version}"),
+                        update_mask={"paths": ["name"]}), timeout=5)
+                    with anyio.move_on_after(0.1):
+                        await followed.wait()
+                    if followed.is_set():
+                        break
+        elapsed = time.monotonic() - started
+        grown = rss(hub) - before
+        call.cancel()
+    print(f"\n1,000,000 ids in 100 Subscribes: written in {written:.2f}s, followed after"
+          f" {elapsed:.2f}s; GetUser p99 {probe.p99() * 1000:.1f} ms, slowest"
+          f" {probe.slowest * 1000:.1f} ms over {len(probe.latencies)} calls; RSS"
+          f" +{grown / MiB:.0f} MiB ({grown / 1e6:.0f} B per id)")
+    assert elapsed < 20, f"the hub took {elapsed:.1f}s to follow the flood's ids"
+    assert probe.slowest < PROMPT, f"a GetUser took {probe.slowest:.3f}s during the flood"
+    # Each followed id costs its string, a slot in the stream's set, an entry in the engine's
+    # index and the one-element set of subscriptions there: a few hundred bytes.
+    assert grown / 1_000_000 < 600, f"{grown / 1e6:.0f} bytes per followed id"
+
