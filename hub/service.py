@@ -26,7 +26,7 @@ from hub.validation import (
     check,
     user_id_violation,
 )
-from hub.wire import RESUME_TOKEN_KEY, Undecodable, user_to_pb
+from hub.wire import RESUME_TOKEN_KEY, RowsOverLimit, Undecodable, Unparsed, parse_rows, user_to_pb
 
 log = logging.getLogger(__name__)
 
@@ -157,18 +157,28 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
     @_unary
     async def ImportUsers(
         self,
-        request_iterator: AsyncIterable[user_service_pb2.ImportUsersRequest],
+        request_iterator: AsyncIterable[Unparsed | user_service_pb2.ImportUsersRequest],
         context: Context,
     ) -> user_service_pb2.BulkCreateResponse:
         # BulkCreateUsers' rows, many per message: gRPC's per-message cost is paid per batch.
         bulk = _Bulk(self._ops, self._settings)
+        most = self._settings.import_max_rows
         try:
-            async for request in request_iterator:
+            # The messages come unparsed (hub.wire.Unparsed): an oversized one is refused on
+            # its row count, before parsing it costs anything.
+            async for message in request_iterator:
+                request = parse_rows(message, most)
                 if isinstance(request, Undecodable):
                     # Its row count is unknown, so later rows' indexes would be too: stop.
                     bulk.refuse(bulk.index + 1, errors.InvalidArgument.of(
                         "users", "not a valid ImportUsersRequest message: its rows and the"
                         " rest were not read"))
+                    break
+                if isinstance(request, RowsOverLimit):
+                    bulk.refuse(bulk.index + 1, errors.LimitExceeded(
+                        "users", f"more than {most} rows in one ImportUsersRequest"
+                        " (--import-max-rows): this message's rows and the rest were not read;"
+                        f" send at most {most} per message"))
                     break
                 if not await bulk.add_many(request.users):
                     break
@@ -344,7 +354,7 @@ def _row_error(
     field = ""
     if isinstance(exc, errors.InvalidArgument):
         field = exc.violations[0].field
-    elif isinstance(exc, errors.AlreadyExists):
+    elif isinstance(exc, errors.AlreadyExists | errors.LimitExceeded):
         field = exc.field
     return response.errors.add(
         index=index, code=code_of(exc).value[0], message=str(exc), field=field

@@ -9,7 +9,7 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
 
-from hub.api.user.v1 import common_pb2, user_sync_service_pb2
+from hub.api.user.v1 import common_pb2, user_service_pb2, user_sync_service_pb2
 from hub.domain import Event, EventType, User
 from hub.errors import InvalidArgument
 from hub.fanout import Encoded
@@ -96,8 +96,33 @@ class Undecodable:
         self.error = InvalidArgument.of("request", f"not a valid {message} message")
 
 
+class Unparsed:
+    """A request handed to its handler as bytes: an ImportUsersRequest's rows are counted
+    against --import-max-rows before any is parsed, and the deserializer (made once per
+    method, from the descriptor) does not know the setting; the handler does (`parse_rows`)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class RowsOverLimit:
+    """Stands in for a message with more rows than `limit`: it was never parsed (two million
+    empty rows fit in 4 MiB, and parsing them would cost hundreds of MB and seconds)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+
+# Messages whose handler parses them itself (see Unparsed).
+_PARSED_BY_HANDLER = frozenset({user_service_pb2.ImportUsersRequest.DESCRIPTOR.full_name})
+
+
 def parser(cls: Any) -> Callable[[bytes], Any]:
     name = cls.DESCRIPTOR.full_name
+    if name in _PARSED_BY_HANDLER:
+        return Unparsed
 
     def parse(data: bytes) -> Any:
         try:
@@ -106,6 +131,77 @@ def parser(cls: Any) -> Callable[[bytes], Any]:
             return Undecodable(name)
 
     return parse
+
+
+def parse_rows(
+    request: Unparsed | user_service_pb2.ImportUsersRequest, most: int
+) -> user_service_pb2.ImportUsersRequest | Undecodable | RowsOverLimit:
+    """An ImportUsersRequest from its bytes, unless it has more than `most` rows: then it is
+    refused unparsed, after a scan of at most `most` + 1 of its fields."""
+    if not isinstance(request, Unparsed):
+        return RowsOverLimit(most) if len(request.users) > most else request
+    if more_fields_than(request.data, most):
+        return RowsOverLimit(most)
+    try:
+        return user_service_pb2.ImportUsersRequest.FromString(request.data)
+    except DecodeError:
+        return Undecodable(user_service_pb2.ImportUsersRequest.DESCRIPTOR.full_name)
+
+
+def more_fields_than(data: bytes, most: int) -> bool:
+    """Whether the serialized message `data` has more than `most` top-level fields (for an
+    ImportUsersRequest, its rows: field 1, tag 0x0a, a length, then the row). Counting stops
+    at most + 1, so it costs that many steps at most, whatever the message's size. Any other
+    field counts too (parsing it costs as much); malformed bytes stop the count, and are left
+    for the parser to refuse."""
+    end = len(data)
+    # Every field takes two bytes at least (a tag, then a length or a value), so a message
+    # shorter than this cannot have more: the usual message costs no scan at all.
+    if end < 2 * (most + 1):
+        return False
+    pos = count = 0
+    while pos < end:
+        count += 1
+        if count > most:
+            return True
+        if data[pos] == 0x0A and pos + 2 < end:  # a row: inline for lengths of 1-2 bytes
+            low = data[pos + 1]
+            if low < 0x80:
+                pos += 2 + low
+                continue
+            high = data[pos + 2]
+            if high < 0x80:
+                pos += 3 + (low & 0x7F | high << 7)
+                continue
+        tag, pos = _read_varint(data, pos)
+        kind = tag & 7
+        if tag < 0 or kind not in (0, 1, 2, 5):
+            return False  # cut off, a group (no hub message has one) or garbage
+        if kind == 2:  # length-delimited, as every row is
+            length, pos = _read_varint(data, pos)
+            if length < 0:
+                return False
+            pos += length
+        elif kind == 0:
+            _, pos = _read_varint(data, pos)
+        else:
+            pos += 8 if kind == 1 else 4
+    return False
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The varint at `pos` and the position after it; -1 (and the end) when it is cut off or
+    longer than 10 bytes."""
+    result = shift = 0
+    end = min(len(data), pos + 10)
+    while pos < end:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+    return -1, len(data)
 
 
 async def _checked(requests: AsyncIterable[Any]) -> AsyncIterator[Any]:
