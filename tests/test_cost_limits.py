@@ -3,8 +3,8 @@ Subscribe, an ImportUsers message's rows, request metadata, and many calls at on
 connection. Each is bounded, refused before the work, or queued; and other clients' calls
 meanwhile still answer promptly.
 
-The hubs run as `hub serve` processes, so their memory (psutil RSS) and their answers are
-measured apart from the test's own clients."""
+Where memory or latency is measured, the hub runs as a `hub serve` process, so its RSS
+(psutil) and its answers are measured apart from the test's own clients."""
 
 from __future__ import annotations
 
@@ -25,7 +25,11 @@ from hub.api.user.v1 import common_pb2
 from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1 import user_sync_service_pb2 as spb
 from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
+from hub.auth import TokenVerifier
+from hub.principal import Principal
 from tests.conftest import HubProcess
+from tests.test_auth import UNAUTHENTICATED, bearer, mint
+from tests.test_auth import serving as serving_with_auth
 
 pytestmark = pytest.mark.anyio
 
@@ -324,3 +328,65 @@ async def test_two_million_empty_rows_are_refused_unparsed(
     # +43..68 MiB for ten; parsing them, as before, cost +157 MiB for one).
     bound = streams * 8 * MiB + 16 * MiB
     assert grown < bound, f"the hub grew by {grown / MiB:.0f} MiB"
+
+
+# -- request metadata -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def verified(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The length of every token the hub's JWT code is given."""
+    seen: list[int] = []
+    verify = TokenVerifier.verify
+
+    def spy(self: TokenVerifier, token: str) -> Principal:
+        seen.append(len(token))
+        return verify(self, token)
+
+    monkeypatch.setattr(TokenVerifier, "verify", spy)
+    return seen
+
+
+def authorization(size: int) -> tuple[tuple[str, str], ...]:
+    return (("authorization", "Bearer " + "a" * size),)
+
+
+@pytest.mark.parametrize("size", [1_000_000, 8_000_000], ids=["1MB", "8MB"])
+async def test_a_huge_authorization_header_never_reaches_the_jwt_code(
+    verified: list[int], size: int
+) -> None:
+    async with serving_with_auth() as hub:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await hub.users.GetUser(pb.GetUserRequest(user_id=hub.seed),
+                                    metadata=authorization(size), timeout=10)
+        # gRPC's transport refuses the headers (RESOURCE_EXHAUSTED, "received metadata size
+        # exceeds hard limit"); UNAUTHENTICATED would be the JWT code's answer.
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+        assert verified == []
+        # The hub is unharmed: the next call, on the same channel, is served.
+        token = mint("users:read")
+        user = await hub.users.GetUser(pb.GetUserRequest(user_id=hub.seed),
+                                       metadata=bearer(token), timeout=5)
+        assert user.id == hub.seed
+        assert verified == [len(token)]
+
+
+async def test_headers_over_max_metadata_bytes_are_refused_before_the_jwt_code(
+    verified: list[int],
+) -> None:
+    """A hard limit, not gRPC's soft one: between its soft limit (`grpc.max_metadata_size`
+    alone) and the hard one (16 KiB by default) gRPC refuses only some calls, at random, and
+    often after handing the headers on."""
+    async with serving_with_auth(max_metadata_bytes=4096) as hub:
+        for _ in range(10):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await hub.users.GetUser(pb.GetUserRequest(user_id=hub.seed),
+                                        metadata=authorization(6000), timeout=5)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+        assert verified == []
+        # Under the limit, headers reach the JWT code as always.
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await hub.users.GetUser(pb.GetUserRequest(user_id=hub.seed),
+                                    metadata=authorization(2000), timeout=5)
+        assert info.value.code() == UNAUTHENTICATED
+        assert verified == [2000]
