@@ -257,6 +257,11 @@ class HubServer:
             return str(exc)
         except TimeoutError:
             return "the user store did not answer in time"
+        except Exception as exc:
+            # Readiness must outlive anything Redis answers: a watcher that died here would
+            # leave the last status (SERVING) standing whatever happens next.
+            log.exception("store health check failed")
+            return f"the store health check failed: {exc!r}"
         return None
 
     async def _set_ready(self, ok: bool, live: bool = False) -> None:
