@@ -33,6 +33,14 @@ Deadlines. Every call carries one: `timeout` (default 5 s) for unary calls and `
 (default 300 s, the whole stream) for ListUsers and BulkCreateUsers; both can be overridden
 per call. A deadline covers all retry attempts of the call, not each one.
 
+Concurrency. One client is one channel, one HTTP/2 connection, and the hub serves at most 100
+calls at once on a connection (`--max-concurrent-streams`). A client runs at most
+`max_in_flight` (default 64) unary calls at once; more wait their turn in the client, the
+wait counted in their deadline. (gRPC's own queue is not enough: the hub's transport counts a
+finished call against the limit until the server has released it, and refuses calls beyond it
+with REFUSED_STREAM, which gRPC reports as UNAVAILABLE.) A call refused that way was never
+seen by the hub, so the client sends it again, writes included, within its deadline.
+
 Retries. gRPC's own retry machinery does them, configured by a service config on the channel
 (`RETRY_SERVICE_CONFIG`), which brings exponential backoff with jitter and honours the deadline:
 
@@ -48,20 +56,24 @@ Retries. gRPC's own retry machinery does them, configured by a service config on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
+import threading
+import time
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
     Awaitable,
+    Callable,
     Iterable,
     Iterator,
     Sequence,
 )
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Self, cast
+from typing import Any, Final, Self, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -97,6 +109,17 @@ DEFAULT_TIMEOUT: Final = 5.0
 DEFAULT_STREAM_TIMEOUT: Final = 300.0
 _SERVICE: Final = "user.v1.UserService"
 _MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
+# Unary calls a client runs at once (see "Concurrency" above). Well under the hub's 100
+# streams per connection: the hub counts a call until it has released it, a little after
+# the client has its answer, and 1,000 calls at once through a cap of 100 (or even 64) still
+# met refusals. 64 calls in flight keep one hub process busy.
+DEFAULT_MAX_IN_FLIGHT: Final = 64
+# A call refused before the hub saw it (HTTP/2 REFUSED_STREAM) is sent again this many times
+# at most, after 10 ms, 20 ms, 40 ms, ... (with jitter), and never past its deadline.
+_REFUSED_RETRIES: Final = 6
+_REFUSED_BACKOFF: Final = 0.01
+
+Resp = TypeVar("Resp")
 
 _RETRY_POLICY: Final[dict[str, Any]] = {
     "maxAttempts": 5,
@@ -286,6 +309,25 @@ def _or_default(timeout: float | None, default: float) -> float:
     return default if timeout is None else timeout
 
 
+def _refused(err: grpc.RpcError) -> bool:
+    """Whether the call was refused by the server's HTTP/2 layer before any of the server's
+    code saw it (RST_STREAM with REFUSED_STREAM, code 7): always safe to send again. gRPC
+    reports it as UNAVAILABLE and says so only in the details."""
+    call = cast("grpc.Call", err)
+    return (call.code() is grpc.StatusCode.UNAVAILABLE
+            and "RST_STREAM with error code 7" in (call.details() or ""))
+
+
+def _refused_backoff(attempt: int) -> float:
+    return random.uniform(0.5, 1.0) * _REFUSED_BACKOFF * (1 << attempt)
+
+
+def _no_slot(timeout: float, slots: int) -> ClientError:
+    return ClientError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"deadline of {timeout}s passed waiting for one of this client's {slots} call slots")
+
+
 def _update_request(
     user_id: str,
     email: str | None,
@@ -396,11 +438,15 @@ class UserClient:
         stream_timeout: float = DEFAULT_STREAM_TIMEOUT,
         options: Sequence[tuple[str, Any]] = (),
         credentials: Credentials | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
+        """`max_in_flight`: unary calls run at once (0: no cap; see "Concurrency")."""
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self._channel = _sync_channel(target, options, credentials)
         self.stub: pb_grpc.UserServiceStub = pb_grpc.UserServiceStub(self._channel)
+        self._max_in_flight = max_in_flight
+        self._slots = threading.BoundedSemaphore(max_in_flight) if max_in_flight else None
 
     def __enter__(self) -> Self:
         return self
@@ -417,13 +463,31 @@ class UserClient:
         """Close the channel, cancelling calls still in flight."""
         self._channel.close()
 
-    def get_user(self, user_id: str, *, timeout: float | None = None) -> common_pb2.User:
+    def _unary(self, method: Callable[..., Resp], request: Any, timeout: float | None) -> Resp:
+        """One unary call: in one of the client's slots, sent again if the hub's transport
+        refused it unseen, all within its deadline."""
+        budget = _or_default(timeout, self.timeout)
+        deadline = time.monotonic() + budget
+        if self._slots is not None and not self._slots.acquire(timeout=budget):
+            raise _no_slot(budget, self._max_in_flight)
         try:
-            return self.stub.GetUser(
-                pb.GetUserRequest(user_id=user_id), timeout=_or_default(timeout, self.timeout)
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+            attempt = 0
+            while True:
+                try:
+                    return method(request, timeout=max(0.0, deadline - time.monotonic()))
+                except grpc.RpcError as err:
+                    pause = _refused_backoff(attempt)
+                    if (not _refused(err) or attempt == _REFUSED_RETRIES
+                            or time.monotonic() + pause >= deadline):
+                        raise from_rpc_error(err) from err
+                attempt += 1
+                time.sleep(pause)
+        finally:
+            if self._slots is not None:
+                self._slots.release()
+
+    def get_user(self, user_id: str, *, timeout: float | None = None) -> common_pb2.User:
+        return self._unary(self.stub.GetUser, pb.GetUserRequest(user_id=user_id), timeout)
 
     def create_user(
         self,
@@ -435,10 +499,7 @@ class UserClient:
         timeout: float | None = None,
     ) -> common_pb2.User:
         request = pb.CreateUserRequest(email=email, name=name, password=password, status=status)
-        try:
-            return self.stub.CreateUser(request, timeout=_or_default(timeout, self.timeout))
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        return self._unary(self.stub.CreateUser, request, timeout)
 
     def update_user(
         self,
@@ -452,10 +513,7 @@ class UserClient:
     ) -> common_pb2.User:
         """Change the given fields only; with `expected_version`, only if the user is at it."""
         request = _update_request(user_id, email, name, status, expected_version)
-        try:
-            return self.stub.UpdateUser(request, timeout=_or_default(timeout, self.timeout))
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        return self._unary(self.stub.UpdateUser, request, timeout)
 
     def delete_user(
         self,
@@ -464,11 +522,7 @@ class UserClient:
         expected_version: int | None = None,
         timeout: float | None = None,
     ) -> None:
-        request = _delete_request(user_id, expected_version)
-        try:
-            self.stub.DeleteUser(request, timeout=_or_default(timeout, self.timeout))
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        self._unary(self.stub.DeleteUser, _delete_request(user_id, expected_version), timeout)
 
     def list_users(
         self,
@@ -551,11 +605,15 @@ class AsyncUserClient:
         stream_timeout: float = DEFAULT_STREAM_TIMEOUT,
         options: Sequence[tuple[str, Any]] = (),
         credentials: Credentials | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
+        """`max_in_flight`: unary calls run at once (0: no cap; see "Concurrency")."""
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self._channel = _aio_channel(target, options, credentials)
         self.stub: pb_grpc.UserServiceAsyncStub = pb_grpc.UserServiceStub(self._channel)
+        self._max_in_flight = max_in_flight
+        self._slots = asyncio.Semaphore(max_in_flight) if max_in_flight else None
 
     async def __aenter__(self) -> Self:
         return self
@@ -572,18 +630,50 @@ class AsyncUserClient:
         """Close the channel, cancelling calls still in flight."""
         await self._channel.close()
 
+    async def _unary(
+        self, method: Callable[..., Awaitable[Resp]], request: Any,
+        timeout: float | None,  # noqa: ASYNC109
+    ) -> Resp:
+        """One unary call: in one of the client's slots, sent again if the hub's transport
+        refused it unseen, all within its deadline."""
+        budget = _or_default(timeout, self.timeout)
+        deadline = time.monotonic() + budget
+        async with self._slot(budget):
+            attempt = 0
+            while True:
+                try:
+                    return await method(request, timeout=max(0.0, deadline - time.monotonic()))
+                except grpc.aio.AioRpcError as err:
+                    pause = _refused_backoff(attempt)
+                    if (not _refused(err) or attempt == _REFUSED_RETRIES
+                            or time.monotonic() + pause >= deadline):
+                        raise from_rpc_error(err) from err
+                attempt += 1
+                await asyncio.sleep(pause)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, budget: float) -> AsyncIterator[None]:
+        if self._slots is None:
+            yield
+            return
+        try:
+            # A free slot is taken without suspending, so even a 0 s budget gets one.
+            async with asyncio.timeout(budget):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise _no_slot(budget, self._max_in_flight) from None
+        try:
+            yield
+        finally:
+            self._slots.release()
+
     async def get_user(
         self,
         user_id: str,
         *,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> common_pb2.User:
-        try:
-            return await self.stub.GetUser(
-                pb.GetUserRequest(user_id=user_id), timeout=_or_default(timeout, self.timeout)
-            )
-        except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err) from err
+        return await self._unary(self.stub.GetUser, pb.GetUserRequest(user_id=user_id), timeout)
 
     async def create_user(
         self,
@@ -595,10 +685,7 @@ class AsyncUserClient:
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> common_pb2.User:
         request = pb.CreateUserRequest(email=email, name=name, password=password, status=status)
-        try:
-            return await self.stub.CreateUser(request, timeout=_or_default(timeout, self.timeout))
-        except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err) from err
+        return await self._unary(self.stub.CreateUser, request, timeout)
 
     async def update_user(
         self,
@@ -612,10 +699,7 @@ class AsyncUserClient:
     ) -> common_pb2.User:
         """Change the given fields only; with `expected_version`, only if the user is at it."""
         request = _update_request(user_id, email, name, status, expected_version)
-        try:
-            return await self.stub.UpdateUser(request, timeout=_or_default(timeout, self.timeout))
-        except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err) from err
+        return await self._unary(self.stub.UpdateUser, request, timeout)
 
     async def delete_user(
         self,
@@ -624,11 +708,8 @@ class AsyncUserClient:
         expected_version: int | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> None:
-        request = _delete_request(user_id, expected_version)
-        try:
-            await self.stub.DeleteUser(request, timeout=_or_default(timeout, self.timeout))
-        except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err) from err
+        await self._unary(self.stub.DeleteUser, _delete_request(user_id, expected_version),
+                          timeout)
 
     async def list_users(
         self,
