@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from hub import metrics
 from hub.domain import Event, EventBatch, Position, partition_of
 from hub.errors import ContinuityLost, SlowConsumer, StoreUnavailable
+from hub.replay import SharedHistory
 from hub.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,9 @@ class Fanout:
     def __init__(self, store: Store, encode: Encoder, limits: Limits | None = None) -> None:
         self._store = store
         self._encode = encode
+        # Replays share their history reads, decoding and encoding (see hub.replay): a storm
+        # of resumes from nearby tokens reads each chunk once, not once per subscriber.
+        self.history = SharedHistory(store, encode, chunk_size=_REPLAY_CHUNK)
         self.limits = limits or Limits()
         self.partitions = store.partitions
         self.epoch = ""
@@ -304,8 +308,8 @@ class Fanout:
         for p in sorted(wanted):
             target = sub.origin.offsets[p]
             while progress[p] < target:
-                events = await self._store.history(
-                    p, progress[p], min(_REPLAY_CHUNK, target - progress[p])
+                events, encoded = await self.history.encoded(
+                    p, progress[p], min(_REPLAY_CHUNK, target - progress[p]), start.epoch
                 )
                 if not events or events[0].offset != progress[p] + 1:
                     raise ContinuityLost(
@@ -313,10 +317,17 @@ class Fanout:
                         f"events after offset {progress[p]} of partition {p} have left the"
                         " bounded history; start again from a snapshot",
                     )
-                items = [self._encode(e) for e in events
-                         if e.offset <= target and sub.matches(e.user.id)]
-                progress[p] = min(events[-1].offset, target)
+                if events[-1].offset > target:  # never, by the contract; but never past it
+                    keep = target - progress[p]
+                    events, encoded = events[:keep], encoded[:keep]
+                # Encoded once for every replay that shares the chunk.
+                items = encoded if sub.users is None else [
+                    item for item in encoded if sub.matches(item.user_id)]
+                progress[p] = events[-1].offset
                 yield items, Position(start.epoch, tuple(progress))
+                # Let live routing, unary calls and new calls in between chunks (a chunk
+                # from the cache does not suspend at all).
+                await asyncio.sleep(0)
 
     def _reindex(self, sub: Subscription, users: set[str] | None) -> None:
         self._unregister(sub)
@@ -546,5 +557,7 @@ class Fanout:
         self._adopt(current)
 
     def _adopt(self, current: Position) -> None:
+        if current.epoch != self.epoch:
+            self.history.clear()  # chunks of a history nobody can resume from any more
         self.epoch, self._pos = current.epoch, list(current.offsets)
         self._tags = list(current.tags) if current.tags else [""] * self.partitions
