@@ -27,9 +27,14 @@ from hub.api.user.v1 import common_pb2
 from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1 import user_sync_service_pb2 as spb
 from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
+from hub.api.user.v1.user_sync_service_pb2_grpc import UserSyncServiceStub
 from hub.auth import TokenVerifier
 from hub.client import AsyncUserClient, ClientError, UserClient
+from hub.domain import Event, NewUser, User, UserStatus
 from hub.principal import Principal
+from hub.server import HubServer
+from hub.settings import Settings
+from hub.store.memory import MemoryStore
 from tests.conftest import HubProcess
 from tests.test_auth import UNAUTHENTICATED, bearer, mint
 from tests.test_auth import serving as serving_with_auth
@@ -258,6 +263,49 @@ async def test_subscribes_cost_the_ids_they_add_not_the_ids_followed(
     # Each followed id costs its string, a slot in the stream's set, an entry in the engine's
     # index and the one-element set of subscriptions there: a few hundred bytes.
     assert grown / 1_000_000 < 600, f"{grown / 1e6:.0f} bytes per followed id"
+
+
+class RemoteStore(MemoryStore):
+    """A memory store whose reads take a round trip's time, as Redis's do over a network."""
+
+    async def get(self, user_id: str) -> User:
+        await anyio.sleep(0.005)
+        return await super().get(user_id)
+
+
+@STREAMS
+async def test_a_snapshot_of_named_users_reads_them_in_batches(batched: bool) -> None:
+    """2,000 named users (and some that do not exist) at 5 ms a read: one read at a time
+    would take 10 s; 100 at once, a fifth of a second."""
+    store = RemoteStore()
+    async with HubServer(Settings(port=0), store=store) as hub, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}") as channel:
+        created = await store.create_many(
+            [NewUser.build(f"n{i}@example.com", f"N{i}", UserStatus.ACTIVE) for i in range(2000)])
+        ids = [e.user.id for e in created if isinstance(e, Event)]
+        assert len(ids) == 2000
+        stream = (UserSyncServiceStub(channel).Sync(timeout=30) if batched
+                  else UserServiceStub(channel).UserUpdates(timeout=30))
+        request = common_pb2.Subscribe(user_ids=[*ids, *fake_ids(0, 50)], snapshot=True)
+        started = time.monotonic()
+        await stream.write(spb.SyncRequest(subscribe=request) if batched
+                           else pb.UserUpdateRequest(subscribe=request))
+        seen: list[str] = []
+        with anyio.fail_after(20):
+            while len(seen) < len(ids):
+                response = await stream.read()
+                if batched:
+                    assert all(e.type == common_pb2.EVENT_TYPE_SNAPSHOT for e in response.events)
+                    seen += [e.user.id for e in response.events]
+                    assert not response.snapshot_complete or len(seen) == len(ids)
+                else:
+                    seen.append(response.id)
+            if batched:  # then the end of the snapshot, nothing more
+                assert (await stream.read()).snapshot_complete
+        elapsed = time.monotonic() - started
+        stream.cancel()
+    assert seen == sorted(ids)
+    assert elapsed < 3, f"the snapshot took {elapsed:.1f}s"
 
 
 # -- rows per ImportUsers message -----------------------------------------------------------
