@@ -5,6 +5,13 @@ Per stream: a reader task applies the client's requests as they come; the RPC ha
 is the one writer of the stream, and sends whatever the subscription buffered as ONE response
 (so batches grow with load, and an idle stream gets an event as soon as it happens). The
 handler cancels and awaits its reader before it returns, so the reader never outlives it.
+Subscribes and Unsubscribes are the writer's to act on (in order, between responses); the
+reader hands over one at a time, and reads on once the writer has taken it.
+
+What a Subscribe costs is the ids it names, never the ids the stream already follows: its ids
+are validated, counted against max_stream_users and added 1,000 at a time, the event loop
+taking a turn in between, so a stream sending Subscribe after Subscribe of 10,000 ids does not
+hold up every other call.
 
 Heartbeats are due `heartbeat_interval` after a stream's last response. One timer per process
 (`_Heartbeats`) wakes the streams that are due, in the order of their last response, instead of
@@ -366,7 +373,8 @@ class _Stream:
     async def _control(self, request: common_pb2.Subscribe | common_pb2.Unsubscribe) -> None:
         if isinstance(request, common_pb2.Unsubscribe):
             if not request.user_ids:
-                self._sub.remove_users(None)
+                self._sub.remove_users(None)  # everything
+                return
             async for _, chunk in _in_chunks(request.user_ids):
                 self._sub.remove_users(chunk)
             return
