@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test bench check lint typecheck proto proto-check lint-proto clean
+.PHONY: serve test bench chaos check lint typecheck proto proto-check lint-proto clean
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -36,6 +36,12 @@ test: $(STAMP) node_modules/.bin/buf
 ## Every performance figure beside its ceiling, in one run (writes bench-results/).
 bench: $(STAMP)
 	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
+
+## Fault injection with a checker: kills, rollbacks, pauses, stalls over real Redis and hubs
+## (10 minutes; e.g. CHAOS_ARGS="--duration 60 --seed 3 --sentinel --replicas-ack").
+CHAOS_ARGS ?= --duration 600
+chaos: $(STAMP)
+	$(BIN)/python -m loadtest.chaos $(CHAOS_ARGS)
 
 ## Regenerate hub/api from protos/.
 proto: $(STAMP)
