@@ -26,7 +26,15 @@ from hub.validation import (
     check,
     user_id_violation,
 )
-from hub.wire import RESUME_TOKEN_KEY, RowsOverLimit, Undecodable, Unparsed, parse_rows, user_to_pb
+from hub.wire import (
+    RESUME_TOKEN_KEY,
+    ImportMessage,
+    RowsOverLimit,
+    Undecodable,
+    Unparsed,
+    parse_rows,
+    user_to_pb,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +165,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
     @_unary
     async def ImportUsers(
         self,
-        request_iterator: AsyncIterable[Unparsed | user_service_pb2.ImportUsersRequest],
+        request_iterator: AsyncIterable[Unparsed | ImportMessage],
         context: Context,
     ) -> user_service_pb2.BulkCreateResponse:
         # BulkCreateUsers' rows, many per message: gRPC's per-message cost is paid per batch.
