@@ -213,6 +213,7 @@ class Fanout:
         self._pos = [0] * store.partitions
         # The tag of the write that made each partition's position ("": not known).
         self._tags = [""] * store.partitions
+        self._switchovers = store.switchovers  # the store's primary changes, as handled
         self._position = Position("", ())  # the last one handed out
         self._all: set[Subscription] = set()
         self._by_user: dict[str, set[Subscription]] = {}
@@ -427,10 +428,20 @@ class Fanout:
     async def _catch_up(self) -> None:
         """Route whatever the store has that we have not (after a reconnect, or a lost tail),
         after checking it is still the history we follow."""
+        switchovers = self._store.switchovers
         current = await self._store.position()
         if current.epoch != self.epoch:
             self._new_epoch(current)
+            self._switchovers = switchovers
             return
+        if switchovers != self._switchovers:
+            # Sentinel promoted another node. Even where its offsets and tags match ours,
+            # writes, events and snapshots may have come from the old primary (it can answer
+            # as one for a while after the switch) and be missing here: say so.
+            self._switchovers = switchovers
+            if self.epoch:
+                await self._diverged(-1, "Sentinel moved the Redis primary")
+                return
         for p, target in enumerate(current.offsets):
             head = current.tags[p] if current.tags else ""
             if target < self._pos[p] or (
@@ -504,9 +515,10 @@ class Fanout:
 
     async def _diverged(self, p: int, detail: str) -> None:
         """The store's history is not the one routed here: a new epoch for everyone."""
-        log.error("event history of epoch %s replaced in partition %d (%s): Redis came back"
-                  " with other data (an older snapshot, or a replica promoted before it had"
-                  " every write); starting a new epoch", self.epoch, p, detail)
+        log.error("event history of epoch %s replaced%s (%s): Redis came back with other"
+                  " data (an older snapshot, or a replica promoted before it had every write);"
+                  " starting a new epoch", self.epoch,
+                  f" in partition {p}" if p >= 0 else "", detail)
         await self._store.rotate_epoch(self.epoch)
         self._new_epoch(await self._store.position())
 

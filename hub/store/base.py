@@ -18,6 +18,9 @@ class Store(Protocol):
     """Raises hub.errors.* (NotFound, AlreadyExists, VersionConflict, StoreUnavailable)."""
 
     partitions: int
+    # How many times the store has seen its primary replaced (Sentinel): the history the
+    # fan-out followed may not be the one there now.
+    switchovers: int
 
     async def get(self, user_id: str) -> User: ...
 

@@ -37,6 +37,7 @@ class MemoryStore:
         self, partitions: int = 16, history_size: int = 10_000, history_max_age: float = 86_400.0
     ) -> None:
         self.partitions = partitions
+        self.switchovers = 0  # one process's memory has no primary to lose
         self._users: dict[str, User] = {}
         self._hashes: dict[str, str] = {}
         self._emails: dict[str, str] = {}

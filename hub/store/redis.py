@@ -262,6 +262,12 @@ class RedisStore:
         # offset and the tag of the write that made it. Writes refuse to land behind it.
         self._seen_epoch = ""
         self._heads: dict[int, tuple[int, str]] = {}
+        # With Sentinel: the primary's address as last asked, and how often it moved.
+        self._sentinel_pool = getattr(client, "connection_pool", None)
+        if not isinstance(self._sentinel_pool, SentinelConnectionPool):
+            self._sentinel_pool = None
+        self._primary: tuple[str, int] | None = None
+        self.switchovers = 0
 
     @classmethod
     def from_url(cls, url: str, pool_size: int = 64, **kwargs: Any) -> RedisStore:
@@ -546,15 +552,22 @@ class RedisStore:
                         raise StoreUnavailable("pub/sub subscription was not confirmed")
                     confirmed += message[0] in (b"subscribe", "subscribe")
 
+            switchovers = self.switchovers
+
             async def batches() -> AsyncIterator[EventBatch]:
                 task = asyncio.current_task()
                 while True:
                     with _unavailable():
-                        message = await pubsub.get_message(timeout=None)
+                        # Not a blocking read: an idle subscription still looks up once a
+                        # second whether Sentinel moved the primary away from its node.
+                        message = await pubsub.get_message(timeout=1.0)
                     if task is not None and task.cancelling():
                         # redis-py's blocking read can return None where it was cancelled
                         # (seen: shutdown hung on a listener that went back to waiting).
                         raise asyncio.CancelledError
+                    if self.switchovers != switchovers:
+                        raise StoreUnavailable("Sentinel moved the primary: subscribing on the"
+                                               " new one")
                     if message is not None and message["type"] == "message":
                         yield decode_batch(message["data"])
 
@@ -564,7 +577,10 @@ class RedisStore:
 
     async def ping(self) -> None:
         """Answers when Redis can serve hub: reachable, loaded, and a primary (a replica
-        refuses every write, so hub is not ready on one)."""
+        refuses every write, so hub is not ready on one). With Sentinel, also asks who the
+        primary is (see _follow_primary)."""
+        if self._sentinel_pool is not None:
+            await self._follow_primary(self._sentinel_pool)
         try:
             with _unavailable():
                 role = await self._r.execute_command("ROLE")
@@ -580,6 +596,21 @@ class RedisStore:
             raise StoreUnavailable(
                 f"the user store is a read-only {kind}, not a primary: point --redis-url at"
                 " the primary (or use redis+sentinel://)")
+
+    async def _follow_primary(self, pool: SentinelConnectionPool) -> None:
+        """Sentinel can promote a replica while the old primary still answers as one (a
+        pause longer than down-after-milliseconds): connections already open would go on
+        reading and writing there. Asking every second moves idle connections at once (the
+        pool drops them when the address changes) and counts the switch-over, which ends the
+        pub/sub subscription and makes the fan-out start a new epoch (writes the old primary
+        took may be missing from the new one, and reads may have shown them)."""
+        with _unavailable():
+            primary = await pool.get_master_address()  # type: ignore[no-untyped-call]
+        if self._primary is not None and primary != self._primary:
+            log.warning("Sentinel moved the Redis primary from %s:%d to %s:%d",
+                        *self._primary, *primary)
+            self.switchovers += 1
+        self._primary = primary
 
     async def aclose(self) -> None:
         await self._r.aclose()
