@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
@@ -61,10 +62,22 @@ _ID_CHUNK = 1000
 _SNAPSHOT_READS = 100
 # Room left in a response for its token, change results and framing.
 _RESPONSE_HEADROOM = 64 * 1024
+# A replay's chunks (one per partition and 500 events) go out together up to this many event
+# bytes: a resume a few thousand events back is a few responses, not one per partition.
+_REPLAY_BATCH_BYTES = 128 * 1024
+_EVENT_BYTES = operator.attrgetter("event")
+
+
+def _size(items: list[Encoded]) -> int:
+    """The bytes `items` take in a response, as _chunks counts them (summed in C: a replay
+    storm sends millions of items)."""
+    return sum(map(len, map(_EVENT_BYTES, items))) + 6 * len(items)
 
 
 def _chunks(items: list[Encoded], budget: int) -> list[list[Encoded]]:
     """Items split into runs whose encoded size stays within `budget` (at least one each)."""
+    if _size(items) <= budget:
+        return [items]  # nearly always: one response
     chunks: list[list[Encoded]] = [[]]
     size = 0
     for item in items:
@@ -402,8 +415,17 @@ class _Stream:
                 await fanout.reach(start)
                 fanout.restart(self._sub, users)
                 self.token = request.resume_token
+                batch: list[Encoded] = []
+                size, reached = 0, None
                 async for items, position in fanout.replay(self._sub, start):
-                    await self._send(items, tokens.encode(position))
+                    batch += items
+                    size += _size(items)
+                    reached = position
+                    if size >= _REPLAY_BATCH_BYTES:
+                        await self._send(batch, tokens.encode(position))
+                        batch, size, reached = [], 0, None
+                if reached is not None:
+                    await self._send(batch, tokens.encode(reached))
             except errors.ContinuityLost as exc:
                 metrics.RESUMES.labels(exc.reason.lower()).inc()
                 raise

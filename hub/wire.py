@@ -82,10 +82,19 @@ def sync_response(
 ) -> bytes:
     """A SyncResponse from pre-encoded events plus its other fields (token, results, ...)."""
     parts: list[bytes] = []
+    prefixes = _EVENT_PREFIXES
     for item in events:
-        parts += (_SYNC_RESPONSE_EVENTS, varint(len(item.event)), item.event)
+        n = len(item.event)
+        parts += (prefixes[n] if n < _PREFIXED else _SYNC_RESPONSE_EVENTS + varint(n),
+                  item.event)
     parts.append(tail.SerializeToString())
     return b"".join(parts)
+
+
+# SyncResponse.events' tag and length prefix for every event shorter than 16 KiB (two varint
+# bytes), looked up rather than computed per event and per subscriber.
+_PREFIXED = 1 << 14
+_EVENT_PREFIXES = [_SYNC_RESPONSE_EVENTS + varint(n) for n in range(_PREFIXED)]
 
 
 class Undecodable:
