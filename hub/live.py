@@ -37,7 +37,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from hub import errors, metrics, tokens
+from hub import errors, metrics, resume
 from hub.api.user.v1 import common_pb2, user_sync_service_pb2, user_sync_service_pb2_grpc
 from hub.domain import Position, User
 from hub.fanout import Encoded, Fanout, Subscription
@@ -150,7 +150,7 @@ class LiveStreams:
         position: encoding it once gives them one string, not a copy each."""
         last, token = self._last_token
         if last != position:
-            token = tokens.encode(position)
+            token = resume.encode(position)
             self._last_token = (position, token)
         return token
 
@@ -296,7 +296,7 @@ class _Stream:
             if sub.conflate and self._subscribes > 1 else None,
         )
         if sub.resume_token:
-            tokens.decode(sub.resume_token, self._live.fanout.partitions,
+            resume.decode(sub.resume_token, self._live.fanout.partitions,
                           "subscribe.resume_token")
 
     async def _change(self, change: Any) -> None:
@@ -410,7 +410,7 @@ class _Stream:
         token and any replay start from (at most max_subscription_users ids)."""
         fanout = self._live.fanout
         if request.resume_token:
-            start = tokens.decode(request.resume_token, fanout.partitions)
+            start = resume.decode(request.resume_token, fanout.partitions)
             try:
                 await fanout.reach(start)
                 fanout.restart(self._sub, users)
@@ -422,10 +422,10 @@ class _Stream:
                     size += _size(items)
                     reached = position
                     if size >= _REPLAY_BATCH_BYTES:
-                        await self._send(batch, tokens.encode(position))
+                        await self._send(batch, resume.encode(position))
                         batch, size, reached = [], 0, None
                 if reached is not None:
-                    await self._send(batch, tokens.encode(reached))
+                    await self._send(batch, resume.encode(reached))
             except errors.ContinuityLost as exc:
                 metrics.RESUMES.labels(exc.reason.lower()).inc()
                 raise

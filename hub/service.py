@@ -13,7 +13,7 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 from google.protobuf import empty_pb2
 
-from hub import errors, tokens
+from hub import errors, resume
 from hub.api.user.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
 from hub.domain import NewUser
 from hub.live import LiveStreams
@@ -136,7 +136,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         # Positioned just before the listing: subscribing with it delivers every change made
         # after the snapshot began (some may already show in it; versions tell which).
         position = await self._store.position()
-        context.set_trailing_metadata(((RESUME_TOKEN_KEY, tokens.encode(position)),))
+        context.set_trailing_metadata(((RESUME_TOKEN_KEY, resume.encode(position)),))
         after = request.page_token
         while True:
             # One page at a time: memory stays bounded by page_size whatever the user count.

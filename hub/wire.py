@@ -15,9 +15,6 @@ from hub.errors import InvalidArgument
 from hub.fanout import Encoded
 from hub.status import to_status
 
-# Trailing-metadata key of the resume token (ListUsers, and RESOURCE_EXHAUSTED endings).
-RESUME_TOKEN_KEY = "hub-resume-token"
-
 _EVENT_TYPES = {
     EventType.CREATED: common_pb2.EVENT_TYPE_CREATED,
     EventType.UPDATED: common_pb2.EVENT_TYPE_UPDATED,

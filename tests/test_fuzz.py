@@ -26,13 +26,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hub import tokens
+from hub import resume
 from hub.api.user.v1 import common_pb2
 from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1 import user_sync_service_pb2 as spb
 from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
 from hub.domain import Position
-from hub.wire import RESUME_TOKEN_KEY
+from hub.resume import RESUME_TOKEN_KEY
 from tests.conftest import HubProcess, _wait_serving, free_port
 
 # Examples per test; each RPC test below sends this many requests (streams: this many streams).
@@ -91,7 +91,7 @@ def fuzz_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
             call = stub.ListUsers(pb.ListUsersRequest(), timeout=5)
             list(call)
             token = dict(call.trailing_metadata() or ())[RESUME_TOKEN_KEY]
-            Known.epoch = tokens.decode(token, PARTITIONS).epoch
+            Known.epoch = resume.decode(token, PARTITIONS).epoch
         yield hub
     finally:
         if proc.poll() is None:
@@ -139,7 +139,7 @@ offsets = st.integers(0, 2**64 - 1)
 
 
 def _token(epoch: str, offs: list[int]) -> str:
-    return tokens.encode(Position(epoch, tuple(offs)))
+    return resume.encode(Position(epoch, tuple(offs)))
 
 
 resume_tokens = st.one_of(

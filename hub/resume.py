@@ -17,6 +17,11 @@ import msgpack
 from hub.domain import Position
 from hub.errors import InvalidArgument
 
+# The metadata key under which a resume token travels: trailing metadata of ListUsers (the
+# position before its listing) and of a stream cut with RESOURCE_EXHAUSTED. Defined once here,
+# for the server and the client alike.
+RESUME_TOKEN_KEY = "hub-resume-token"
+
 _VERSION = 1
 
 
