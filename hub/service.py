@@ -19,6 +19,7 @@ from hub.domain import NewUser
 from hub.live import LiveStreams
 from hub.ops import UserOps
 from hub.principal import caller
+from hub.resume import RESUME_TOKEN_KEY
 from hub.settings import Settings
 from hub.status import code_of, to_status
 from hub.store.base import BulkResult
@@ -27,7 +28,6 @@ from hub.validation import (
     user_id_violation,
 )
 from hub.wire import (
-    RESUME_TOKEN_KEY,
     ImportMessage,
     RowsOverLimit,
     Undecodable,
