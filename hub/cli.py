@@ -167,7 +167,7 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from hub.server import run
+    from hub.rpc.supervisor import run
 
     settings = Settings.load({f.name: getattr(args, f.name) for f in fields(Settings)})
     configure_logging(settings.log_level, settings.log_format)

@@ -1,4 +1,4 @@
-"""The domain's exceptions. They know nothing of gRPC; `hub.status` maps them to status codes.
+"""The domain's exceptions. They know nothing of gRPC; `hub.rpc.errors` maps them to status codes.
 
     HubError
      ├── InvalidArgument      a request field is malformed (carries one violation per field)

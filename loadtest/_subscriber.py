@@ -52,7 +52,7 @@ from google.protobuf import field_mask_pb2
 from hub.api.user.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
 from hub.api.user.v1 import user_sync_service_pb2 as sync_pb
 from hub.api.user.v1 import user_sync_service_pb2_grpc as sync_grpc
-from hub.wire import varint
+from hub.rpc.wire import varint
 
 RAW_METHOD = "/loadtest.Raw/Stream"
 RESUME_TOKEN_KEY = "hub-resume-token"

@@ -17,7 +17,7 @@ import redis
 
 from harness.redis import REDIS_SERVER, RedisProcess, dying_with_parent, free_port
 from hub.api.user.v1 import user_service_pb2_grpc
-from hub.server import HubServer
+from hub.rpc.server import HubServer
 from hub.settings import Settings
 from hub.store.base import Store
 from hub.store.memory import MemoryStore

@@ -28,7 +28,7 @@ from hub.client import (
     UserNotFoundError,
     VersionConflictError,
 )
-from hub.server import HubServer
+from hub.rpc.server import HubServer
 from hub.settings import Settings
 from tests.conftest import HubProcess, free_port
 

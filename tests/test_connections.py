@@ -17,7 +17,7 @@ from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
 from hub.api.user.v1.user_sync_service_pb2_grpc import UserSyncServiceStub
 from hub.client import SyncBatch, SyncFeed
 from hub.passwords import PasswordHashing
-from hub.server import HubServer
+from hub.rpc.server import HubServer
 from hub.settings import Settings
 from hub.store.memory import MemoryStore
 

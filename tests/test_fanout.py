@@ -12,8 +12,8 @@ import pytest
 
 from hub.domain import Event, EventBatch, NewUser, UserStatus, partition_of
 from hub.fanout import Fanout
+from hub.rpc.wire import encode_event
 from hub.store.memory import MemoryStore
-from hub.wire import encode_event
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,7 @@ from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1 import user_sync_service_pb2 as spb
 from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
 from hub.api.user.v1.user_sync_service_pb2_grpc import UserSyncServiceStub
-from hub.server import HubServer
+from hub.rpc.server import HubServer
 
 pytestmark = pytest.mark.anyio
 

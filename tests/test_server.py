@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hub.api.user.v1 import common_pb2
 from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
-from hub.server import SYNC_SERVICE, USER_SERVICE, HubServer
+from hub.rpc.server import SYNC_SERVICE, USER_SERVICE, HubServer
 from hub.settings import Settings
 from hub.store.redis import RedisStore
 from tests.conftest import HubProcess, RedisProcess, free_port

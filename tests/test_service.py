@@ -13,7 +13,7 @@ from grpc_status import rpc_status
 from hub.api.user.v1 import common_pb2
 from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
-from hub.server import HubServer
+from hub.rpc.server import HubServer
 
 pytestmark = pytest.mark.anyio
 Code = grpc.StatusCode

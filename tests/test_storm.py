@@ -22,8 +22,8 @@ import pytest
 from hub.domain import Event, EventType, NewUser, User, UserStatus, new_user_id, now_us
 from hub.errors import StoreUnavailable
 from hub.replay import SharedHistory
+from hub.rpc.wire import encode_event
 from hub.store.memory import MemoryStore
-from hub.wire import encode_event
 from tests.conftest import REDIS_SERVER
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,7 @@ from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
 from hub.client import AsyncUserClient, Credentials, UnavailableError, UserNotFoundError
 from hub.domain import NewUser, UserStatus
 from hub.errors import NotFound, StoreUnavailable
-from hub.server import HubServer
+from hub.rpc.server import HubServer
 from hub.settings import Settings
 from hub.store.memory import MemoryStore
 from hub.store.redis import RedisStore

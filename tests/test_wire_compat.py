@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from hub.server import HubServer
+from hub.rpc.server import HubServer
 
 pytestmark = pytest.mark.anyio
 DATA = Path(__file__).parent / "data"

@@ -13,7 +13,7 @@ from hub.api.user.v1 import common_pb2, user_service_pb2, user_sync_service_pb2
 from hub.domain import Event, EventType, User
 from hub.errors import InvalidArgument
 from hub.fanout import Encoded
-from hub.status import to_status
+from hub.rpc.errors import to_status
 
 _EVENT_TYPES = {
     EventType.CREATED: common_pb2.EVENT_TYPE_CREATED,

@@ -44,11 +44,11 @@ from hub.fanout import Encoded, Fanout, Subscription
 from hub.ops import UserOps
 from hub.principal import READ, caller
 from hub.resume import RESUME_TOKEN_KEY
+from hub.rpc.errors import code_of, to_status
+from hub.rpc.wire import encode_snapshot, sync_response, user_to_pb
 from hub.settings import Settings
-from hub.status import code_of, to_status
 from hub.store.base import Store
 from hub.validation import check, user_id_violation
-from hub.wire import encode_snapshot, sync_response, user_to_pb
 
 log = logging.getLogger(__name__)
 

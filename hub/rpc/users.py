@@ -1,4 +1,4 @@
-"""user.v1.UserService over grpc.aio: proto <-> domain at the edge, errors mapped by hub.status."""
+"""user.v1.UserService over grpc.aio: proto <-> domain at the edge, errors mapped in one place."""
 
 from __future__ import annotations
 
@@ -16,24 +16,24 @@ from google.protobuf import empty_pb2
 from hub import errors, resume
 from hub.api.user.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
 from hub.domain import NewUser
-from hub.live import LiveStreams
 from hub.ops import UserOps
 from hub.principal import caller
 from hub.resume import RESUME_TOKEN_KEY
-from hub.settings import Settings
-from hub.status import code_of, to_status
-from hub.store.base import BulkResult
-from hub.validation import (
-    check,
-    user_id_violation,
-)
-from hub.wire import (
+from hub.rpc.errors import code_of, to_status
+from hub.rpc.streams import LiveStreams
+from hub.rpc.wire import (
     ImportMessage,
     RowsOverLimit,
     Undecodable,
     Unparsed,
     parse_rows,
     user_to_pb,
+)
+from hub.settings import Settings
+from hub.store.base import BulkResult
+from hub.validation import (
+    check,
+    user_id_violation,
 )
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         bulk = _Bulk(self._ops, self._settings)
         most = self._settings.import_max_rows
         try:
-            # The messages come unparsed (hub.wire.Unparsed): an oversized one is refused on
+            # The messages come unparsed (hub.rpc.wire.Unparsed): an oversized one is refused on
             # its row count, before parsing it costs anything.
             async for message in request_iterator:
                 request = parse_rows(message, most)

@@ -22,8 +22,8 @@ import jwt
 
 from hub.errors import PermissionDenied, Unauthenticated
 from hub.principal import READ, SUBSCRIBE, WRITE, Principal, current_principal
+from hub.rpc.errors import to_status
 from hub.settings import Settings
-from hub.status import to_status
 
 # Every method hub serves and the scope it needs; a method missing here is denied.
 METHOD_SCOPES: dict[str, str] = {
