@@ -40,10 +40,10 @@ from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1 import user_sync_service_pb2 as spb
 from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
 from hub.api.user.v1.user_sync_service_pb2_grpc import UserSyncServiceStub
+from hub.bearer import TokenVerifier
 from hub.client import AsyncUserClient, ClientError, Credentials, SyncBatch, SyncFeed
 from hub.domain import NewUser, UserStatus
 from hub.principal import READ, SUBSCRIBE, WRITE
-from hub.rpc.auth import TokenVerifier
 from hub.rpc.server import HubServer
 from hub.settings import Settings
 from hub.store.base import Store

@@ -1,12 +1,9 @@
-"""Authentication (JWT bearer tokens) and per-method authorization, deny by default.
+"""Authentication and per-method authorization at the gRPC edge, deny by default.
 
-    verifier = TokenVerifier.from_settings(settings)      # None: auth is off
+    verifier = TokenVerifier.from_settings(settings)      # hub.bearer; None: auth is off
     server = grpc.aio.server(interceptors=[AuthInterceptor(verifier, settings), ...])
 
-Tokens come as `authorization: Bearer <jwt>` metadata. The algorithms are pinned by
-configuration, never taken from the token (so `alg: none` and HS/RS confusion are refused);
-`exp` and `sub` are required; `aud` and `iss` are checked when configured. `sub` is the
-principal, `scope` a space-separated list of scopes (OAuth 2 style).
+Tokens come as `authorization: Bearer <jwt>` metadata; hub.bearer verifies them.
 """
 
 from __future__ import annotations
@@ -14,12 +11,11 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, TypeAlias
 
 import grpc
-import jwt
 
+from hub.bearer import TokenVerifier
 from hub.errors import PermissionDenied, Unauthenticated
 from hub.principal import READ, SUBSCRIBE, WRITE, Principal, current_principal
 from hub.rpc.errors import to_status
@@ -44,69 +40,6 @@ _REFLECTION = (
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 # The NumericDate claims (RFC 7519 section 4.1): seconds since the epoch, as JSON numbers.
-_TIME_CLAIMS = ("exp", "iat", "nbf")
-
-
-def _is_number(value: object) -> bool:
-    # bool is an int in Python, not a number in JSON.
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-class TokenVerifier:
-    def __init__(
-        self, key: str | bytes, algorithms: list[str],
-        audience: str = "", issuer: str = "", leeway: float = 0.0,
-    ) -> None:
-        if not algorithms or any(a.lower() == "none" for a in algorithms):
-            raise ValueError("JWT algorithms must be configured and must not include 'none'")
-        self._key, self._algorithms = key, algorithms
-        self._audience, self._issuer, self._leeway = audience or None, issuer or None, leeway
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> TokenVerifier | None:
-        if settings.jwt_secret and settings.jwt_public_key:
-            raise ValueError("set one of --jwt-secret and --jwt-public-key, not both")
-        algorithms = [a.strip() for a in settings.jwt_algorithms.split(",") if a.strip()]
-        if settings.jwt_secret:
-            key: str | bytes = settings.jwt_secret
-            algorithms = algorithms or ["HS256"]
-            if any(not a.startswith("HS") for a in algorithms):
-                raise ValueError("an HMAC secret goes with HS256/HS384/HS512 only")
-        elif settings.jwt_public_key:
-            key = Path(settings.jwt_public_key).read_bytes()
-            algorithms = algorithms or ["RS256", "ES256"]
-            if any(a.startswith("HS") for a in algorithms):
-                # A public key used as an HMAC secret would let anyone sign tokens.
-                raise ValueError("a public key goes with RS*/ES*/PS*/EdDSA algorithms only")
-        else:
-            return None
-        return cls(key, algorithms, settings.jwt_audience, settings.jwt_issuer)
-
-    def verify(self, token: str) -> Principal:
-        try:
-            claims = jwt.decode(
-                token, self._key, algorithms=self._algorithms, audience=self._audience,
-                issuer=self._issuer, leeway=self._leeway,
-                options={"require": ["exp", "sub"], "verify_aud": self._audience is not None},
-            )
-        except jwt.ExpiredSignatureError:
-            raise Unauthenticated("token expired") from None
-        except jwt.PyJWTError as exc:
-            # The library's message names the failed check, never the token itself.
-            raise Unauthenticated(f"invalid token: {exc}") from None
-        scope = claims.get("scope", "")
-        if not isinstance(scope, str) or not isinstance(claims["sub"], str):
-            raise Unauthenticated("invalid token: sub and scope must be strings")
-        for name in _TIME_CLAIMS:
-            # PyJWT checks them with int(), which also takes the string "9999999999" and
-            # true. RFC 7519 makes them JSON numbers: such a token is malformed (a signer's
-            # bug, or a claim set built from untyped input), and hub must not be the one
-            # verifier that accepts it.
-            if name in claims and not _is_number(claims[name]):
-                raise Unauthenticated(f"invalid token: {name} must be a number")
-        return Principal(claims["sub"], frozenset(scope.split()), float(claims["exp"]))
-
-
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Checks every call before its handler runs. UNAUTHENTICATED: no, malformed, expired or
     forged token. PERMISSION_DENIED: a valid token without the method's scope."""

@@ -25,15 +25,17 @@ from grpc_reflection.v1alpha import reflection
 
 from hub import metrics
 from hub.api.user.v1 import user_service_pb2, user_sync_service_pb2
+from hub.bearer import TokenVerifier
 from hub.errors import StoreUnavailable
 from hub.fanout import Fanout, Limits
 from hub.ops import UserOps
 from hub.passwords import PasswordHashing
 from hub.ratelimit import RateLimiter
 from hub.rpc.access_log import LoggingInterceptor
-from hub.rpc.auth import AuthInterceptor, TokenVerifier
+from hub.rpc.auth import AuthInterceptor
 from hub.rpc.handlers import add_service
-from hub.rpc.streams import LiveStreams, UserSyncService
+from hub.rpc.streams import LiveStreams
+from hub.rpc.sync import UserSyncService
 from hub.rpc.users import UserService
 from hub.rpc.wire import encode_event
 from hub.settings import Settings

@@ -38,7 +38,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from hub import errors, metrics, resume
-from hub.api.user.v1 import common_pb2, user_sync_service_pb2, user_sync_service_pb2_grpc
+from hub.api.user.v1 import common_pb2, user_sync_service_pb2
 from hub.domain import Position, User
 from hub.fanout import Encoded, Fanout, Subscription
 from hub.ops import UserOps
@@ -199,17 +199,6 @@ class LiveStreams:
                 error.resume_token = token
                 metrics.SLOW_CONSUMERS.inc()
             await context.abort_with_status(to_status(error, extra))
-
-
-class UserSyncService(user_sync_service_pb2_grpc.UserSyncServiceServicer):
-    def __init__(self, live: LiveStreams) -> None:
-        self._live = live
-
-    async def Sync(  # type: ignore[override]
-        self, request_iterator: AsyncIterable[user_sync_service_pb2.SyncRequest],
-        context: Context,
-    ) -> None:
-        await self._live.serve(request_iterator, context, batched=True)
 
 
 class _Stream:
