@@ -4,9 +4,10 @@ rate limits and token expiry. Plain values: no gRPC here."""
 from __future__ import annotations
 
 import contextvars
+import time
 from dataclasses import dataclass
 
-from hub.errors import PermissionDenied
+from hub.errors import PermissionDenied, Unauthenticated
 
 READ, WRITE, SUBSCRIBE = "users:read", "users:write", "users:subscribe"
 
@@ -23,6 +24,16 @@ class Principal:
         if scope not in self.scopes:
             raise PermissionDenied(
                 f"{self.subject} lacks scope {scope}" + (f" (needed for {what})" if what else ""))
+
+    @property
+    def expired(self) -> bool:
+        return time.time() >= self.expires_at
+
+    def require_fresh(self, detail: str = "") -> None:
+        """Unauthenticated once the token has expired: the one expiry rule, for every place
+        a call outlives the check at its start (streamed changes, bulk rows, stream items)."""
+        if self.expired:
+            raise Unauthenticated("token expired" + (f"; {detail}" if detail else ""))
 
 
 ANONYMOUS = Principal("anonymous", frozenset({READ, WRITE, SUBSCRIBE}), float("inf"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from hub.domain import UserStatus
-from hub.errors import FieldViolation, InvalidArgument
+from hub.errors import FieldViolation, InvalidArgument, LimitExceeded
 
 MAX_EMAIL = 254  # RFC 5321 path limit
 MAX_EMAIL_LOCAL = 64
@@ -66,9 +66,74 @@ def check(*violations: FieldViolation | None) -> None:
         raise InvalidArgument(*found)
 
 
+# The fields an update may name in its mask.
+MASKABLE = ("email", "name", "status")
+
+
+def mask_violations(paths: tuple[str, ...]) -> list[FieldViolation]:
+    unknown = [p for p in paths if p not in MASKABLE]
+    found = []
+    if unknown:
+        found.append(FieldViolation(
+            "update_mask.paths", f"unknown path(s) {unknown}; allowed: {list(MASKABLE)}"))
+    if not paths:
+        found.append(FieldViolation("update_mask", "names no field to update"))
+    return found
+
+
+def version_violation(expected: int | None) -> FieldViolation | None:
+    if expected is not None and expected < 1:
+        return FieldViolation("expected_version", "must be at least 1")
+    return None
+
+
+def page_size_violation(page_size: int, most: int) -> FieldViolation | None:
+    if not 0 <= page_size <= most:
+        return FieldViolation("page_size", f"must be 0 (the default, 100) to {most}")
+    return None
+
+
 def user_id_violation(user_id: str, field: str = "user_id") -> FieldViolation | None:
     if not user_id:
         return FieldViolation(field, "required")
     if not _USER_ID.fullmatch(user_id):
         return FieldViolation(field, "not a user id (26-character upper-case ULID)")
+    return None
+
+
+# -- Subscribe (Sync and UserUpdates) -----------------------------------------------------------
+
+
+def subscribes_over(nth: int, most: int) -> LimitExceeded | None:
+    """The `nth` Subscribe of a stream, against --max-subscribes-per-stream."""
+    if nth > most:
+        return LimitExceeded("subscribe", f"at most {most} per stream")
+    return None
+
+
+def subscribe_size_violation(ids: int, most: int) -> FieldViolation | None:
+    """Ids named in one Subscribe, against --max-subscription-users (decided on the count
+    alone, before any id is looked at)."""
+    if ids > most:
+        return FieldViolation("subscribe.user_ids", f"at most {most} users")
+    return None
+
+
+def first_subscribe_violations(
+    nth: int, resume_token: bool, conflate: bool
+) -> list[FieldViolation]:
+    """A resume token and conflation set up a stream: only its first Subscribe may ask."""
+    if nth <= 1:
+        return []
+    return [FieldViolation(f"subscribe.{name}", "only on a stream's first Subscribe")
+            for name, asked in (("resume_token", resume_token), ("conflate", conflate))
+            if asked]
+
+
+def stream_users_over(followed: int, most: int) -> LimitExceeded | None:
+    """Distinct ids a stream would follow, against --max-stream-users."""
+    if followed > most:
+        return LimitExceeded(
+            "subscribe.user_ids", f"a stream may follow at most {most} users in all; this"
+            f" Subscribe would make it {followed} (unsubscribe some, or open another stream)")
     return None

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 
 from hub import errors
 from hub.api.user.v1 import user_service_pb2
+from hub.commands import Commands
 from hub.domain import NewUser
-from hub.ops import UserOps
 from hub.principal import caller
 from hub.rpc.errors import code_of
-from hub.rpc.wire import Undecodable
+from hub.rpc.wire import Undecodable, create_of
 from hub.settings import Settings
 from hub.store.base import BulkResult
 
@@ -37,7 +37,7 @@ class Bulk:
     """One bulk stream's rows: validated, written in batches of bulk_batch_size, and their
     outcomes collected into one BulkCreateResponse that stays under the message limit."""
 
-    def __init__(self, ops: UserOps, settings: Settings) -> None:
+    def __init__(self, ops: Commands, settings: Settings) -> None:
         self._ops, self._store = ops, ops.store
         self._max_rows, self._batch_size = settings.bulk_max_rows, settings.bulk_batch_size
         self.response = user_service_pb2.BulkCreateResponse()
@@ -85,9 +85,9 @@ class Bulk:
             if isinstance(request, Undecodable):
                 raise request.error
             # Most bulk rows have no password: they skip the coroutine that hashing needs.
-            self._batch.append((self.index, self._ops.new_user_without_password(request)
+            self._batch.append((self.index, self._ops.new_user_without_password(create_of(request))
                                 if not request.password
-                                else await self._ops.new_user(request)))
+                                else await self._ops.new_user(create_of(request))))
         except errors.HubError as exc:
             self.refuse(self.index, exc)
 

@@ -26,9 +26,9 @@ from grpc_reflection.v1alpha import reflection
 from hub import metrics
 from hub.api.user.v1 import user_service_pb2, user_sync_service_pb2
 from hub.bearer import TokenVerifier
+from hub.commands import Commands
 from hub.errors import StoreUnavailable
 from hub.fanout import Fanout, Limits
-from hub.ops import UserOps
 from hub.passwords import PasswordHashing
 from hub.ratelimit import RateLimiter
 from hub.rpc.access_log import LoggingInterceptor
@@ -123,7 +123,7 @@ class HubServer:
             self.store, encode_event,
             Limits(settings.subscriber_max_events, settings.subscriber_max_bytes),
         )
-        ops = UserOps(self.store, PasswordHashing(settings.password_hash_concurrency),
+        ops = Commands(self.store, PasswordHashing(settings.password_hash_concurrency),
                       RateLimiter(settings.write_rate, settings.write_burst))
         live = LiveStreams(self.fanout, ops, settings)
         add_service(self._server, _USER_SERVICE, UserService(ops, live, settings))

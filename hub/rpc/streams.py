@@ -39,16 +39,23 @@ import grpc
 
 from hub import errors, metrics, resume
 from hub.api.user.v1 import common_pb2, user_sync_service_pb2
+from hub.commands import Commands
 from hub.domain import Position, User
 from hub.fanout import Encoded, Fanout, Subscription
-from hub.ops import UserOps
 from hub.principal import READ, caller
 from hub.resume import RESUME_TOKEN_KEY
 from hub.rpc.errors import code_of, to_status
-from hub.rpc.wire import encode_snapshot, sync_response, user_to_pb
+from hub.rpc.wire import change_of, encode_snapshot, sync_response, user_to_pb
 from hub.settings import Settings
 from hub.store.base import Store
-from hub.validation import check, user_id_violation
+from hub.validation import (
+    check,
+    first_subscribe_violations,
+    stream_users_over,
+    subscribe_size_violation,
+    subscribes_over,
+    user_id_violation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +146,7 @@ class _Heartbeats:
 
 
 class LiveStreams:
-    def __init__(self, fanout: Fanout, ops: UserOps, settings: Settings) -> None:
+    def __init__(self, fanout: Fanout, ops: Commands, settings: Settings) -> None:
         self.fanout = fanout
         self.ops = ops
         self.settings = settings
@@ -267,23 +274,17 @@ class _Stream:
     async def _check_subscribe(self, sub: common_pb2.Subscribe) -> None:
         self._subscribes += 1
         settings = self._live.settings
-        if self._subscribes > settings.max_subscribes_per_stream:
-            raise errors.LimitExceeded(
-                "subscribe", f"at most {settings.max_subscribes_per_stream} per stream")
+        over = subscribes_over(self._subscribes, settings.max_subscribes_per_stream)
+        if over is not None:
+            raise over
         if sub.snapshot:
             # A snapshot is every followed user's record (email, name): what GetUser and
             # ListUsers show only to users:read. Live events stay open to users:subscribe.
             caller().require(READ, "subscribe.snapshot")
-        limit = settings.max_subscription_users
-        if len(sub.user_ids) > limit:
-            # Refused before its ids are looked at: the count alone decides.
-            check(errors.FieldViolation("subscribe.user_ids", f"at most {limit} users"))
+        check(subscribe_size_violation(len(sub.user_ids), settings.max_subscription_users))
         check(
             *await _id_violations(sub.user_ids, "subscribe.user_ids"),
-            errors.FieldViolation("subscribe.resume_token", "only on a stream's first Subscribe")
-            if sub.resume_token and self._subscribes > 1 else None,
-            errors.FieldViolation("subscribe.conflate", "only on a stream's first Subscribe")
-            if sub.conflate and self._subscribes > 1 else None,
+            *first_subscribe_violations(self._subscribes, bool(sub.resume_token), sub.conflate),
         )
         if sub.resume_token:
             resume.decode(sub.resume_token, self._live.fanout.partitions,
@@ -292,11 +293,11 @@ class _Stream:
     async def _change(self, change: Any) -> None:
         if not self._batched:
             # UserUpdates has no result message: a refused change ends the stream.
-            await self._live.ops.apply(change)
+            await self._live.ops.apply(change_of(change))
             return
         result = user_sync_service_pb2.ChangeResult(request_id=change.request_id)
         try:
-            event = await self._live.ops.apply(change)
+            event = await self._live.ops.apply(change_of(change))
             result.user.CopyFrom(user_to_pb(event.user))
         except errors.HubError as exc:
             result.code, result.message = code_of(exc).value[0], str(exc)
@@ -448,12 +449,9 @@ class _Stream:
             fresh = 0
             async for _, chunk in _in_chunks(ids):
                 fresh += sum(1 for u in chunk if u not in followed)
-        total = len(followed) + fresh
-        if total > limit:
-            raise errors.LimitExceeded(
-                "subscribe.user_ids",
-                f"a stream may follow at most {limit} users in all; this Subscribe would make"
-                f" it {total} (unsubscribe some, or open another stream)")
+        over = stream_users_over(len(followed) + fresh, limit)
+        if over is not None:
+            raise over
 
     async def _snapshot(self, users: set[str] | None) -> None:
         """The current state of `users` (None: everyone) as SNAPSHOT events. The token stays

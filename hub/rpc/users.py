@@ -12,7 +12,7 @@ from google.protobuf import empty_pb2
 
 from hub import errors, resume
 from hub.api.user.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
-from hub.ops import UserOps
+from hub.commands import Commands
 from hub.resume import RESUME_TOKEN_KEY
 from hub.rpc.bulk import Bulk
 from hub.rpc.errors import to_status
@@ -22,12 +22,16 @@ from hub.rpc.wire import (
     RowsOverLimit,
     Undecodable,
     Unparsed,
+    create_of,
+    delete_of,
     parse_rows,
+    update_of,
     user_to_pb,
 )
 from hub.settings import Settings
 from hub.validation import (
     check,
+    page_size_violation,
     user_id_violation,
 )
 
@@ -75,7 +79,7 @@ def _server_stream(
 
 
 class UserService(user_service_pb2_grpc.UserServiceServicer):
-    def __init__(self, ops: UserOps, live: LiveStreams, settings: Settings) -> None:
+    def __init__(self, ops: Commands, live: LiveStreams, settings: Settings) -> None:
         self._ops = ops
         self._store = ops.store
         self._live = live
@@ -92,19 +96,19 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
     async def CreateUser(
         self, request: user_service_pb2.CreateUserRequest, context: Context
     ) -> common_pb2.User:
-        return user_to_pb((await self._ops.create(request)).user)
+        return user_to_pb((await self._ops.create(create_of(request))).user)
 
     @_unary
     async def UpdateUser(
         self, request: user_service_pb2.UpdateUserRequest, context: Context
     ) -> common_pb2.User:
-        return user_to_pb((await self._ops.update(request)).user)
+        return user_to_pb((await self._ops.update(update_of(request))).user)
 
     @_unary
     async def DeleteUser(
         self, request: user_service_pb2.DeleteUserRequest, context: Context
     ) -> empty_pb2.Empty:
-        await self._ops.delete(request)
+        await self._ops.delete(delete_of(request))
         return empty_pb2.Empty()
 
     @_server_stream
@@ -114,8 +118,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         size = request.page_size or DEFAULT_PAGE_SIZE
         most = self._settings.max_page_size
         check(
-            errors.FieldViolation("page_size", f"must be 0 (the default, 100) to {most}")
-            if not 0 <= request.page_size <= most else None,
+            page_size_violation(request.page_size, most),
             user_id_violation(request.page_token, "page_token") if request.page_token else None,
         )
         # Positioned just before the listing: subscribing with it delivers every change made

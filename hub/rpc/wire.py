@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
 
 from hub.api.user.v1 import common_pb2, user_service_pb2, user_sync_service_pb2
+from hub.commands import MASKABLE, Change, Create, Delete, Update
 from hub.domain import Event, EventType, User
 from hub.errors import InvalidArgument
 from hub.fanout import Encoded
@@ -23,6 +24,45 @@ _EVENT_TYPES = {
 # Field tags (field number << 3 | wire type 2) of the length-delimited fields built by hand.
 _USER_EVENT_USER = b"\x12"
 _SYNC_RESPONSE_EVENTS = b"\x0a"
+
+
+# -- requests to commands ---------------------------------------------------------------------
+
+
+def create_of(request: user_service_pb2.CreateUserRequest) -> Create:
+    return Create(request.email, request.name, request.password, int(request.status))
+
+
+def update_of(request: user_service_pb2.UpdateUserRequest) -> Update:
+    """The FieldMask read as AIP-134 says: `["*"]` is every maskable field, an empty mask every
+    field the request sets (non-default). Which paths are allowed is hub.validation's rule."""
+    user = request.user
+    paths = tuple(request.update_mask.paths)
+    if paths == ("*",):
+        paths = MASKABLE
+    elif not paths:
+        paths = tuple(p for p in MASKABLE if getattr(user, p))
+    expected = request.expected_version if request.HasField("expected_version") else None
+    return Update(user.id, paths, user.email, user.name, int(user.status), expected)
+
+
+def delete_of(request: user_service_pb2.DeleteUserRequest) -> Delete:
+    expected = request.expected_version if request.HasField("expected_version") else None
+    return Delete(request.user_id, expected)
+
+
+def change_of(change: user_service_pb2.UserChange) -> Change:
+    kind = change.WhichOneof("change")
+    if kind == "create":
+        return create_of(change.create)
+    if kind == "update":
+        return update_of(change.update)
+    if kind == "delete":
+        return delete_of(change.delete)
+    raise InvalidArgument.of("change", "names no create, update or delete")
+
+
+# -- domain values to messages -------------------------------------------------------------
 
 
 def timestamp(us: int) -> timestamp_pb2.Timestamp:
