@@ -52,7 +52,6 @@ from google.protobuf import field_mask_pb2
 from hub.api.user.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
 from hub.api.user.v1 import user_sync_service_pb2 as sync_pb
 from hub.api.user.v1 import user_sync_service_pb2_grpc as sync_grpc
-from hub.rpc.wire import varint
 
 RAW_METHOD = "/loadtest.Raw/Stream"
 RESUME_TOKEN_KEY = "hub-resume-token"
@@ -69,6 +68,17 @@ _MAX_TIMELINE = 20_000  # (time, events) points per worker
 _TIMELINE_STEP = 0.1
 _MAX_USERS = 5_000_000  # per writer run
 _MAX_RAW_MESSAGES = 50_000_000  # per raw stream
+
+
+def _varint(n: int) -> bytes:
+    """Protobuf's base-128 varint: the length prefix that frames each pre-encoded event in the
+    raw server's SyncResponse (written here: the ceiling is a bare server, not hub's code)."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def _channel(target: str, n: int) -> grpc.aio.Channel:
@@ -514,7 +524,7 @@ async def _run_raw_server(args: argparse.Namespace) -> None:
         synthetic = common_pb2.UserEvent(type=common_pb2.EVENT_TYPE_CREATED,
                                          user=common_pb2.User.FromString(user))
         event = synthetic.SerializeToString()
-    item = b"\x0a" + varint(len(event)) + event  # SyncResponse.events, field 1
+    item = b"\x0a" + _varint(len(event)) + event  # SyncResponse.events, field 1
     message = item * args.batch + sync_pb.SyncResponse(resume_token=args.token) \
         .SerializeToString()
     sync_pb.SyncResponse.FromString(message)  # the clients must be able to parse it
