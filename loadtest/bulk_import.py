@@ -42,7 +42,7 @@ from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1 import user_service_pb2_grpc as pb_grpc
 from hub.client import CHANNEL_OPTIONS
 from hub.settings import Settings
-from loadtest._bench_procs import (
+from loadtest.bench.procs import (
     BenchError,
     cpu_model,
     cpu_seconds,

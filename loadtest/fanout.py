@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from hub.api.user.v1 import common_pb2
-from loadtest._bench_procs import (
+from loadtest.bench.procs import (
     BenchError,
     Child,
     Children,

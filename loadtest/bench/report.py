@@ -8,11 +8,15 @@ whether the clients, not the hub, set the figure).
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from loadtest.bench.plan import BULK_TARGET_RATIO, GETUSER_TARGET_RATIO
 
 OK, ERROR, SKIPPED = "ok", "error", "skipped"
 _SATURATED = 85.0  # % of one core: a client process this busy may be the limit
@@ -241,3 +245,67 @@ def latency_chart(path: Path, curve: Sequence[dict[str, Any]],
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# -- the run's outputs ------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    rows: list[Row]
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    latency_curve: list[dict[str, Any]]
+    hub_logs: dict[str, list[str]]
+    notes: list[str]
+    seconds: float
+
+
+def write_outputs(report: Report, out: Path) -> int:
+    """bench.json, bench.md and latency.png in `out`, the table on stdout; the exit status."""
+    failed = [r for r in report.rows if r.status == ERROR]
+    code = 1 if failed else 0
+    notes = [*report.notes,
+             f"Run took {report.seconds:.0f} s. Figures from one machine running Redis, the"
+             " hubs, the ceilings and every client at once: compare ratios, not absolutes."]
+    table = markdown(report.rows, report.machine, notes)
+    sections: dict[str, Any] = {}
+    for row in report.rows:
+        entry = sections.setdefault(row.section, {"status": OK, "errors": [], "rows": []})
+        entry["rows"].append(asdict(row))
+        if row.status == ERROR:
+            entry["status"] = ERROR
+            entry["errors"].append(f"{row.measurement}: {row.error}")
+        elif row.status == SKIPPED and entry["status"] == OK and \
+                all(r["status"] == SKIPPED for r in entry["rows"]):
+            entry["status"] = SKIPPED
+    document = {
+        "version": 1, "exit_code": code, "seconds": report.seconds,
+        "machine": report.machine, "settings": report.settings,
+        "sections": sections, "latency_curve": report.latency_curve,
+        "hub_logs": report.hub_logs,
+    }
+    (out / "bench.json").write_text(json.dumps(document, indent=2, default=str) + "\n")
+    (out / "bench.md").write_text(table)
+    latency_chart(out / "latency.png", report.latency_curve, [
+        (_chart_label(r), r.ratio, _target_ratio(r), r.met) for r in report.rows
+        if r.ratio is not None and r.unit != "KB" and r.status != SKIPPED])
+    print(table)
+    print(f"bench: wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'latency.png'}",
+          file=sys.stderr)
+    if failed:
+        print(f"bench: {len(failed)} measurement(s) failed: "
+              + "; ".join(f"{r.measurement}: {r.error.splitlines()[0] if r.error else ''}"
+                          for r in failed), file=sys.stderr)
+    return code
+
+
+def _chart_label(row: Row) -> str:
+    against = {"bulk": "raw stream" if "raw" in row.ceiling_label else "Redis",
+               "import": "Redis", "fanout": "raw stream", "getuser": "raw unary"}
+    return f"{row.section} {row.workers}w vs {against.get(row.section, 'ceiling')}"
+
+
+def _target_ratio(row: Row) -> float | None:
+    return {"bulk": BULK_TARGET_RATIO, "getuser": GETUSER_TARGET_RATIO}.get(row.section) \
+        if row.target and "%" in row.target else None

@@ -1,10 +1,10 @@
 """Client worker processes of `loadtest.bench`; not meant to be run by hand.
 
-    python -m loadtest._bench_clients unary --target HOST:PORT [--raw] [--concurrency 32]
-    python -m loadtest._bench_clients stream --target HOST:PORT --kind bulk|import|raw \\
+    python -m loadtest.bench.clients unary --target HOST:PORT [--raw] [--concurrency 32]
+    python -m loadtest.bench.clients stream --target HOST:PORT --kind bulk|import|raw \\
         --users N [--rows 1000]
-    python -m loadtest._bench_clients idle --target HOST:PORT [--raw] [--channels 10]
-    python -m loadtest._bench_clients redis-pipeline --url URL --users N [--batch 1000]
+    python -m loadtest.bench.clients idle --target HOST:PORT [--raw] [--channels 10]
+    python -m loadtest.bench.clients redis-pipeline --url URL --users N [--batch 1000]
 
 Like `loadtest._subscriber` (whose JSON-lines helpers they share), each role reads commands on
 stdin and writes one JSON reply per command on stdout, and stops when its stdin closes. Every
@@ -424,7 +424,7 @@ async def _run_redis(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest._bench_clients")
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench.clients")
     roles = parser.add_subparsers(dest="role", required=True)
     unary = roles.add_parser("unary")
     unary.add_argument("--target", required=True)

@@ -1,0 +1,55 @@
+"""How big each measurement of the bench is (`Plan`, and `QUICK` for --quick), its sections
+and the targets it checks them against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SECTIONS = ("fanout", "latency", "bulk", "import", "getuser", "idle")
+# Targets (2-core machine) the bench lets us check; see the docstring of __main__.py.
+FANOUT_TARGET = 300_000.0
+LATENCY_TARGET_RATE = 200.0
+LATENCY_TARGET_P50_MS, LATENCY_TARGET_P99_MS = 2.0, 5.0
+BULK_TARGET_RATIO = 0.70
+IMPORT_TARGET = 50_000.0
+GETUSER_TARGET_RATIO = 0.70
+IDLE_TARGET_RATIO = 1.5
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How big each measurement is; `--quick` shrinks every one of them."""
+
+    fanout_duration: float = 10.0
+    fanout_ceiling_duration: float = 5.0
+    subscribers: int = 100
+    subscriber_processes: int = 4
+    latency_rates: tuple[float, ...] = (200.0, 1000.0, 5000.0)
+    latency_duration: float = 10.0
+    latency_subscribers: int = 20
+    bulk_users: int = 50_000
+    # Client-stream runs last seconds, so one busy moment on a shared machine moves them by a
+    # third: each side (hub and ceiling) is run this many times and its best run counts.
+    stream_runs: int = 3
+    redis_users: int = 100_000
+    import_users: int = 100_000
+    import_rows: int = 1000
+    getuser_duration: float = 8.0
+    getuser_runs: int = 2  # best of, as stream_runs
+    getuser_users: int = 1000
+    getuser_clients: int = 2  # processes
+    getuser_concurrency: int = 32  # call loops per process
+    getuser_channels: int = 8  # connections per process (spread over --workers by the kernel)
+    idle_streams: int = 10_000
+    idle_clients: int = 4  # processes
+    idle_channels: int = 10  # connections per process
+    drain_timeout: float = 30.0
+
+
+QUICK = Plan(
+    fanout_duration=1.5, fanout_ceiling_duration=1.0, latency_rates=(200.0, 2000.0),
+    latency_duration=1.5, bulk_users=3_000, redis_users=20_000, import_users=20_000,
+    import_rows=500, getuser_duration=1.5, getuser_users=200, idle_streams=500,
+    idle_clients=2, idle_channels=4, drain_timeout=15.0, stream_runs=1,
+    getuser_runs=1,
+)
