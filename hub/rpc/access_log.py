@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from types import TracebackType
 from typing import Any, TypeAlias
 
 import grpc
 
 from hub import metrics
+from hub.rpc.handlers import rewrap
 
 log = logging.getLogger("hub.access")
 
@@ -68,42 +69,25 @@ def _wrap(method: str, handler: Any) -> Handler:
         level = logging.WARNING if code in _SERVER_FAULTS else logging.INFO
         log.log(level, "%s %s %.1fms", method, code.name, seconds * 1000)
 
-    behaviour = (handler.unary_unary or handler.stream_unary or handler.unary_stream
-                 or handler.stream_stream)
+    return rewrap(handler, lambda _, context: _Timed(context, done))
 
-    async def call(request: Any, context: Context) -> Any:
-        # Coroutine handlers: unary responses, and streams written with context.write.
-        started, exc = time.perf_counter(), None
-        try:
-            return await behaviour(request, context)
-        except BaseException as e:
-            exc = e
-            raise
-        finally:
-            done(context, started, exc)
 
-    async def generate(request: Any, context: Context) -> AsyncIterator[Any]:
-        # Async-generator handlers: responses yielded one by one.
-        started, exc = time.perf_counter(), None
-        try:
-            async for item in behaviour(request, context):
-                yield item
-        except BaseException as e:
-            exc = e
-            raise
-        finally:
-            done(context, started, exc)
+class _Timed:
+    """Times one call, however it ends, and reports it to `done`."""
 
-    wrapped = generate if inspect.isasyncgenfunction(behaviour) else call
-    if handler.unary_unary:
-        make = grpc.unary_unary_rpc_method_handler
-    elif handler.stream_unary:
-        make = grpc.stream_unary_rpc_method_handler
-    elif handler.unary_stream:
-        make = grpc.unary_stream_rpc_method_handler
-    else:
-        make = grpc.stream_stream_rpc_method_handler
-    return make(wrapped, handler.request_deserializer, handler.response_serializer)
+    __slots__ = ("_context", "_done", "_started")
+
+    def __init__(self, context: Context,
+                 done: Callable[[Context, float, BaseException | None], None]) -> None:
+        self._context, self._done = context, done
+        self._started = time.perf_counter()
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, et: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self._done(self._context, self._started, exc)
 
 
 _SERVER_FAULTS = {

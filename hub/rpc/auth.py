@@ -8,8 +8,6 @@ Tokens come as `authorization: Bearer <jwt>` metadata; hub.bearer verifies them.
 
 from __future__ import annotations
 
-import inspect
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 
@@ -18,7 +16,8 @@ import grpc
 from hub.bearer import TokenVerifier
 from hub.errors import PermissionDenied, Unauthenticated
 from hub.principal import READ, SUBSCRIBE, WRITE, Principal, current_principal
-from hub.rpc.errors import to_status
+from hub.rpc.errors import Aborting
+from hub.rpc.handlers import rewrap
 from hub.settings import Settings
 
 # Every method hub serves and the scope it needs; a method missing here is denied.
@@ -92,45 +91,28 @@ def _bearer(details: grpc.HandlerCallDetails) -> str:
     return ""
 
 
-def _kind(handler: Any) -> Callable[..., Any]:
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler
-    return grpc.unary_unary_rpc_method_handler
-
-
-def _behaviour(handler: Any) -> Any:
-    return (handler.unary_unary or handler.unary_stream or handler.stream_unary
-            or handler.stream_stream)
-
-
 def _refusal(handler: Any, exc: Exception) -> Handler:
     async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort_with_status(to_status(exc))
+        raise exc
 
-    return _kind(handler)(refuse, handler.request_deserializer, handler.response_serializer)  # type: ignore[no-any-return]
+    return rewrap(handler, Aborting, behaviour=refuse)
+
+
+class _AsPrincipal(Aborting):
+    """Sets the principal inside the handler's own task, where the service and the stream
+    code read it; errors (an expiry found mid-stream) end the call as Aborting does."""
+
+    __slots__ = ("_principal",)
+
+    def __init__(self, principal: Principal, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        super().__init__(None, context)
+        self._principal = principal
+
+    async def __aenter__(self) -> None:
+        current_principal.set(self._principal)
 
 
 def _with_principal(handler: Any, principal: Principal) -> Handler:
-    behaviour = _behaviour(handler)
-    # The principal is set inside the handler's own task, where the service and the stream
-    # code read it; a streamed response also checks the token has not expired meanwhile.
-    if inspect.isasyncgenfunction(behaviour):
-        async def generate(request: Any, context: Any) -> Any:
-            current_principal.set(principal)
-            async for item in behaviour(request, context):
-                if time.time() >= principal.expires_at:
-                    await context.abort_with_status(to_status(Unauthenticated("token expired")))
-                yield item
-
-        wrapped: Any = generate
-    else:
-        async def call(request: Any, context: Any) -> Any:
-            current_principal.set(principal)
-            return await behaviour(request, context)
-
-        wrapped = call
-    return _kind(handler)(wrapped, handler.request_deserializer, handler.response_serializer)  # type: ignore[no-any-return]
+    # A streamed response also checks, before each item, that the token has not expired.
+    return rewrap(handler, lambda _, context: _AsPrincipal(principal, context),
+                  each=principal.require_fresh)

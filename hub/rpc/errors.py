@@ -1,12 +1,16 @@
-"""The one place domain errors become gRPC statuses (with google.rpc details).
+"""The one place domain errors become gRPC statuses (with google.rpc details): the table
+(`to_status`, most specific class along the MRO) and `Aborting`, which every handler runs
+inside (grpclib's `Stream.__aexit__` shape).
 
 Unknown exceptions become INTERNAL with a generic message: their text may hold internals.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import timedelta
+from types import TracebackType
 from typing import Any
 
 import grpc
@@ -66,6 +70,45 @@ def to_status(
     if not trailing_metadata:
         return rich
     return _Status(rich.code, rich.details, (*rich.trailing_metadata, *trailing_metadata))
+
+
+class WithTrailing(Exception):
+    """`error`, to end this one call with these trailing metadata as well (a stream's resume
+    token): the error itself may be shared by many calls."""
+
+    def __init__(self, error: Exception, trailing: tuple[tuple[str, str], ...]) -> None:
+        super().__init__(error)
+        self.error, self.trailing = error, trailing
+
+
+class Aborting:
+    """`async with Aborting(request, context):` around a handler's work: a domain error (or
+    anything else) raised inside ends the call with its status. AbortError (the call is
+    already ending with a status) and CancelledError pass untouched; so does an error once
+    the call is done (the client left: nobody to tell). WithTrailing adds trailing metadata."""
+
+    __slots__ = ("_context",)
+
+    def __init__(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._context = context
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        if exc is None or not isinstance(exc, Exception) or isinstance(
+                exc, grpc.aio.AbortError | asyncio.CancelledError):
+            return False
+        trailing: tuple[tuple[str, str], ...] = ()
+        if isinstance(exc, WithTrailing):
+            trailing, exc = exc.trailing, exc.error
+        if self._context.done():
+            log.debug("call ended by its client: %r", exc)
+            return True
+        await self._context.abort_with_status(to_status(exc, trailing))
+        return False  # abort_with_status raised; never reached
 
 
 class _Status(grpc.Status):

@@ -44,7 +44,7 @@ from hub.domain import Position, User
 from hub.fanout import Encoded, Fanout, Subscription
 from hub.principal import READ, caller
 from hub.resume import RESUME_TOKEN_KEY
-from hub.rpc.errors import code_of, to_status
+from hub.rpc.errors import WithTrailing, code_of
 from hub.rpc.wire import change_of, encode_snapshot, sync_response, user_to_pb
 from hub.settings import Settings
 from hub.store.base import Store
@@ -195,17 +195,16 @@ class LiveStreams:
             raise
         except Exception as exc:
             error = exc
-        if error is not None and context.done():
-            # The client went away (cancelled) while a write was pending: nobody to tell.
-            log.debug("stream ended by its client: %r", error)
+        if error is None:
             return
-        if error is not None:
-            token = stream.token if stream else ""
-            extra = ((RESUME_TOKEN_KEY, token),) if token else ()
-            if isinstance(error, errors.SlowConsumer):
-                error.resume_token = token
-                metrics.SLOW_CONSUMERS.inc()
-            await context.abort_with_status(to_status(error, extra))
+        # Every ending carries the token of the last response sent (the resume point).
+        token = stream.token if stream else ""
+        if isinstance(error, errors.SlowConsumer):
+            error.resume_token = token
+            metrics.SLOW_CONSUMERS.inc()
+        # The handler's Aborting turns it into the status (or drops it if the client is
+        # gone: nobody to tell). Not set on the error itself: one error can end many streams.
+        raise WithTrailing(error, ((RESUME_TOKEN_KEY, token),) if token else ())
 
 
 class _Stream:

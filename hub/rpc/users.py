@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -15,7 +14,6 @@ from hub.api.user.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
 from hub.commands import Commands
 from hub.resume import RESUME_TOKEN_KEY
 from hub.rpc.bulk import Bulk
-from hub.rpc.errors import to_status
 from hub.rpc.streams import LiveStreams
 from hub.rpc.wire import (
     ImportMessage,
@@ -44,40 +42,6 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 DEFAULT_PAGE_SIZE = 100
 
 
-def _unary(
-    fn: Callable[[Any, Req, Context], Awaitable[Resp]],
-) -> Callable[[Any, Req, Context], Awaitable[Resp]]:
-    """Domain errors end the call with their mapped status; anything else becomes INTERNAL."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Req, context: Context) -> Resp:
-        try:
-            return await fn(self, request, context)
-        except Exception as exc:
-            # context.abort ends the call by raising AbortError: it must pass through untouched.
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await context.abort_with_status(to_status(exc))
-
-    return wrapper
-
-
-def _server_stream(
-    fn: Callable[[Any, Req, Context], AsyncIterator[Resp]],
-) -> Callable[[Any, Req, Context], AsyncIterator[Resp]]:
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Req, context: Context) -> AsyncIterator[Resp]:
-        try:
-            async for item in fn(self, request, context):
-                yield item
-        except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await context.abort_with_status(to_status(exc))
-
-    return wrapper
-
-
 class UserService(user_service_pb2_grpc.UserServiceServicer):
     def __init__(self, ops: Commands, live: LiveStreams, settings: Settings) -> None:
         self._ops = ops
@@ -85,33 +49,28 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         self._live = live
         self._settings = settings
 
-    @_unary
     async def GetUser(
         self, request: user_service_pb2.GetUserRequest, context: Context
     ) -> common_pb2.User:
         check(user_id_violation(request.user_id))
         return user_to_pb(await self._store.get(request.user_id))
 
-    @_unary
     async def CreateUser(
         self, request: user_service_pb2.CreateUserRequest, context: Context
     ) -> common_pb2.User:
         return user_to_pb((await self._ops.create(create_of(request))).user)
 
-    @_unary
     async def UpdateUser(
         self, request: user_service_pb2.UpdateUserRequest, context: Context
     ) -> common_pb2.User:
         return user_to_pb((await self._ops.update(update_of(request))).user)
 
-    @_unary
     async def DeleteUser(
         self, request: user_service_pb2.DeleteUserRequest, context: Context
     ) -> empty_pb2.Empty:
         await self._ops.delete(delete_of(request))
         return empty_pb2.Empty()
 
-    @_server_stream
     async def ListUsers(
         self, request: user_service_pb2.ListUsersRequest, context: Context
     ) -> AsyncIterator[common_pb2.User]:
@@ -135,7 +94,6 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
                 return
             after = page[-1].id
 
-    @_unary
     async def BulkCreateUsers(
         self,
         request_iterator: AsyncIterable[user_service_pb2.CreateUserRequest],
@@ -150,7 +108,6 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         finally:
             bulk.abandon()
 
-    @_unary
     async def ImportUsers(
         self,
         request_iterator: AsyncIterable[Unparsed | ImportMessage],

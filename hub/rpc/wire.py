@@ -14,7 +14,6 @@ from hub.commands import MASKABLE, Change, Create, Delete, Update
 from hub.domain import Event, EventType, User
 from hub.errors import InvalidArgument
 from hub.fanout import Encoded
-from hub.rpc.errors import to_status
 
 _EVENT_TYPES = {
     EventType.CREATED: common_pb2.EVENT_TYPE_CREATED,
@@ -263,7 +262,8 @@ async def _checked(requests: AsyncIterable[Any]) -> AsyncIterator[Any]:
 
 
 def guard_undecodable(behaviour: Any, request_streaming: bool, response_streaming: bool) -> Any:
-    """Wraps a handler so an Undecodable request ends the call with INVALID_ARGUMENT.
+    """Wraps a handler so an Undecodable request ends the call with INVALID_ARGUMENT (raised
+    inside the handler's Aborting, which turns it into the status).
 
     Client-streaming unary handlers (BulkCreateUsers) see Undecodable rows themselves and
     report them per row; bidirectional ones get them raised from their request iterator.
@@ -281,7 +281,7 @@ def guard_undecodable(behaviour: Any, request_streaming: bool, response_streamin
     if inspect.isasyncgenfunction(behaviour):
         async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
             if isinstance(request, Undecodable):
-                await context.abort_with_status(to_status(request.error))
+                raise request.error
             async for item in behaviour(request, context):
                 yield item
 
@@ -289,7 +289,7 @@ def guard_undecodable(behaviour: Any, request_streaming: bool, response_streamin
 
     async def unary(request: Any, context: Any) -> Any:
         if isinstance(request, Undecodable):
-            await context.abort_with_status(to_status(request.error))
+            raise request.error
         return await behaviour(request, context)
 
     return unary
