@@ -5,16 +5,17 @@
      ├── NotFound             the user does not exist
      ├── AlreadyExists        a unique field (email) is taken
      ├── VersionConflict      expected_version did not match the stored version
- ├── Contention           too many concurrent writers on one user; retry the call
- ├── TooManyRows          a bulk stream's response would exceed the message size limit
+     ├── Contention           too many concurrent writers on one user; retry the call
+     ├── TooManyRows          a bulk stream's response would exceed the message size limit
      ├── StoreUnavailable     the store (Redis) cannot serve now (unreachable, a replica, busy)
- ├── StoreFull            the store (Redis) is out of memory; nothing was written
- ├── SlowConsumer         a subscriber fell further behind than its buffer allows
- ├── RateLimited          a principal writes faster than its rate limit
- ├── LimitExceeded        a request is over a configured limit (ids per Subscribe, rows, ...)
- ├── Unauthenticated      no, malformed, expired or forged bearer token
- ├── PermissionDenied     a valid token without the scope the method needs
- └── ContinuityLost       a subscriber cannot be given every event since its token
+     ├── StoreFull            the store (Redis) is out of memory; nothing was written
+     ├── SlowConsumer         a subscriber fell further behind than its buffer allows
+     ├── RateLimited          a principal writes faster than its rate limit
+     ├── LimitExceeded        a request is over a configured limit (ids per Subscribe, rows, ...)
+     ├── Unauthenticated      no, malformed, expired or forged bearer token
+     ├── PermissionDenied     a valid token without the scope the method needs
+     └── HistoryLost          a subscriber cannot be given every event since its token
+                              (the client's hub.client.ContinuityLost is what it is told)
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class SlowConsumer(HubError):
         )
 
 
-class ContinuityLost(HubError):
+class HistoryLost(HubError):
     """The events since a subscriber's position are gone: it must start again from a snapshot.
 
     reason: EPOCH_CHANGED (the history was reset, e.g. Redis restarted empty) or

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 from hub import metrics
 from hub.domain import Event, EventBatch, Position, partition_of
-from hub.errors import ContinuityLost, SlowConsumer, StoreUnavailable
+from hub.errors import HistoryLost, SlowConsumer, StoreUnavailable
 from hub.replay import SharedHistory
 from hub.store.base import Store
 
@@ -277,7 +277,7 @@ class Fanout:
         if not resume.epoch and not any(resume.offsets):
             return  # taken before the first write ever: nothing seen, so nothing to lose
         if resume.epoch != self.epoch:
-            raise ContinuityLost(
+            raise HistoryLost(
                 EPOCH_CHANGED,
                 f"history epoch {resume.epoch} is gone (now {self.epoch}): the event history"
                 " was reset; start again from a snapshot",
@@ -290,7 +290,7 @@ class Fanout:
             # Tokens are not signed, so one ahead is not proof enough to end everyone's
             # subscription (any client could send one); the catch-up above has compared the
             # store with what this engine saw. This subscriber's history is gone, though.
-            raise ContinuityLost(
+            raise HistoryLost(
                 EPOCH_CHANGED, "the token is ahead of this event history: the history it came"
                 " from is gone (Redis came back with older data?); start again from a snapshot"
             )
@@ -299,7 +299,7 @@ class Fanout:
         self, sub: Subscription, start: Position
     ) -> AsyncIterator[tuple[list[Encoded], Position]]:
         """The events after `start` up to the subscription's origin that match it, in chunks,
-        each with the position it brings the subscriber to. Raises ContinuityLost when the
+        each with the position it brings the subscriber to. Raises HistoryLost when the
         history no longer reaches back to `start`."""
         progress = list(start.offsets)
         wanted = sub.partitions(self.partitions)
@@ -313,7 +313,7 @@ class Fanout:
                     p, progress[p], min(_REPLAY_CHUNK, target - progress[p]), start.epoch
                 )
                 if not events or events[0].offset != progress[p] + 1:
-                    raise ContinuityLost(
+                    raise HistoryLost(
                         HISTORY_EXPIRED,
                         f"events after offset {progress[p]} of partition {p} have left the"
                         " bounded history; start again from a snapshot",
@@ -538,7 +538,7 @@ class Fanout:
         them has lost continuity and is told so."""
         log.error("fan-out: events %d..%d of partition %d left the history before delivery",
                   self._pos[p] + 1, lost_to, p)
-        error = ContinuityLost(
+        error = HistoryLost(
             HISTORY_EXPIRED, f"events of partition {p} were lost before delivery; start"
             " again from a snapshot",
         )
@@ -560,7 +560,7 @@ class Fanout:
     def _reset(self, current: Position) -> None:
         log.warning("event history epoch changed from %s to %s: ending every subscription",
                     self.epoch, current.epoch or "(none yet)")
-        error = ContinuityLost(
+        error = HistoryLost(
             EPOCH_CHANGED, "the event history was reset (epoch changed); start again from a"
             " snapshot",
         )

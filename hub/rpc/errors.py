@@ -35,7 +35,7 @@ _CODES: dict[type[errors.HubError], grpc.StatusCode] = {
     errors.StoreFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.TooManyRows: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.SlowConsumer: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.ContinuityLost: grpc.StatusCode.OUT_OF_RANGE,
+    errors.HistoryLost: grpc.StatusCode.OUT_OF_RANGE,
     errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
@@ -126,7 +126,7 @@ def _detail(exc: errors.HubError) -> Any:
                 for v in exc.violations
             ]
         )
-    if isinstance(exc, errors.ContinuityLost):
+    if isinstance(exc, errors.HistoryLost):
         return error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN)
     if isinstance(exc, errors.SlowConsumer):
         return error_details_pb2.ErrorInfo(

@@ -18,7 +18,7 @@ Heartbeats are due `heartbeat_interval` after a stream's last response. One time
 one timer per stream: an idle stream holds only what it must.
 
 Every way a stream ends with a status goes through its subscription: the reader fails it with
-a refused request, the engine with SlowConsumer or ContinuityLost. The writer raises the error
+a refused request, the engine with SlowConsumer or HistoryLost. The writer raises the error
 at its next turn, never in the middle of a write: gRPC cannot send a status while a cancelled
 write is still in flight (the call would hang with none). For a stalled client the engine has
 already dropped its buffer and unregistered it; the status reaches the client right after the
@@ -416,7 +416,7 @@ class _Stream:
                         batch, size, reached = [], 0, None
                 if reached is not None:
                     await self._send(batch, resume.encode(reached))
-            except errors.ContinuityLost as exc:
+            except errors.HistoryLost as exc:
                 metrics.RESUMES.labels(exc.reason.lower()).inc()
                 raise
             metrics.RESUMES.labels("resumed").inc()

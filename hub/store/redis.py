@@ -105,7 +105,7 @@ def _user_from(fields: Sequence[Any]) -> User:
     return User(id_, email, name, UserStatus(status), created, updated, version)
 
 
-def encode_event(type_: EventType, user: User, ts: int) -> bytes:
+def pack_event(type_: EventType, user: User, ts: int) -> bytes:
     """An event as stored in history and published: msgpack [type, user fields, ts]."""
     return msgpack.packb([int(type_), _user_fields(user), ts])
 
@@ -475,7 +475,7 @@ class RedisStore:
         packed = msgpack.packb([
             [_TYPE_CODE[op.type], op.user.id, op.expected, op.old_email, op.new_email,
              b"" if op.type is EventType.DELETED else op.record(), p,
-             encode_event(op.type, op.user, ts)]
+             pack_event(op.type, op.user, ts)]
             for op, p in zip(ops, partitions, strict=True)
         ], use_bin_type=False)
         touched = sorted(set(partitions))
