@@ -28,6 +28,7 @@ test: $(STAMP) node_modules/.bin/buf
 	node_modules/.bin/buf lint
 	$(BIN)/ruff check hub harness tests loadtest scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 	@command -v redis-server >/dev/null || { echo "redis-server not found: the tests start \
 	their own Redis. Install it (Debian/Ubuntu: apt-get install redis-server) or put it on PATH."; exit 1; }
 	# One pytest process per test module, two at a time (see the script), then one summary line.
