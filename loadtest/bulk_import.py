@@ -37,6 +37,7 @@ from typing import Any, TextIO
 import grpc.aio
 import redis
 
+from harness.redis import free_port
 from hub.api.user.v1 import common_pb2
 from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1 import user_service_pb2_grpc as pb_grpc
@@ -46,7 +47,6 @@ from loadtest.bench.procs import (
     BenchError,
     cpu_model,
     cpu_seconds,
-    free_port,
     nproc,
     print_table,
     start_redis,

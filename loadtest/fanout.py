@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from harness.redis import free_port
 from hub.api.user.v1 import common_pb2
 from loadtest.bench.procs import (
     BenchError,
@@ -56,7 +57,6 @@ from loadtest.bench.procs import (
     CpuMeter,
     Hub,
     cpu_model,
-    free_port,
     log_summary,
     nproc,
     print_table,

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import grpc.aio
 import redis
 
+from harness.redis import free_port
 from loadtest import fanout
 from loadtest.bench.plan import Plan
 from loadtest.bench.procs import (
@@ -24,7 +25,6 @@ from loadtest.bench.procs import (
     Child,
     Children,
     Hub,
-    free_port,
     hub_supports_workers,
     log_summary,
     nproc,

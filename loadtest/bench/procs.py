@@ -1,5 +1,7 @@
 """What every load script starts and measures: redis-server, `hub serve` subprocesses, worker
 processes spoken to in JSON lines, CPU and memory of process trees, and a table printer.
+Redis and the hubs are the process harness's (`harness.redis.RedisProcess`,
+`harness.hub.HubProcess`), wrapped in what the load scripts ask of them.
 
 Shared by `loadtest.bench`, `loadtest.fanout` and `loadtest.bulk_import`, so each has one copy.
 Everything started here is stopped by its owner in a `finally` (or an ExitStack callback): the
@@ -14,9 +16,7 @@ import functools
 import json
 import os
 import platform
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,10 +29,11 @@ from typing import Any, TextIO
 import grpc
 import grpc.aio
 import psutil
-import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-ROOT = Path(__file__).resolve().parents[2]
+from harness.hub import ROOT, HubProcess
+from harness.redis import HarnessError, RedisProcess
+
 STARTUP_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
 REPLY_TIMEOUT = 60.0
@@ -50,12 +51,6 @@ class BenchError(Exception):
 
 
 # -- machine ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def nproc() -> int:
@@ -151,49 +146,20 @@ def log_summary(log: Path) -> list[str]:
     return [f"{n} x {what}" for what, n in counts.most_common(10)]
 
 
-_SETPRIV = shutil.which("setpriv") if sys.platform == "linux" else None
-
-
-def dying_with_parent(argv: Sequence[str]) -> list[str]:
-    """`argv`, made to die with the process that starts it (Linux, PR_SET_PDEATHSIG): if the
-    harness or the test run dies, even by SIGKILL, its Redis and hubs die too instead of
-    lingering on their ports. setpriv (util-linux) sets it and execs the command, keeping its
-    pid. Not Popen's preexec_fn: that runs Python in the forked child of a process with gRPC
-    threads, where a lock one of them held at fork time (malloc's) made the child abort or
-    hang. The bench's workers need no such thing: they stop when their stdin closes."""
-    return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv] if _SETPRIV else list(argv)
-
-
 # -- redis-server -----------------------------------------------------------------------------
 
 
 def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A throwaway redis-server on a free loopback port: no RDB, no AOF, nothing kept."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise BenchError("redis-server not found on PATH: install Redis 7 (Debian/Ubuntu:"
-                         " apt-get install redis-server) or pass --redis-url")
-    port = free_port()
-    proc = subprocess.Popen(
-        dying_with_parent([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                            "--appendonly", "no", "--dir", str(workdir)]),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis(port=port, socket_connect_timeout=1)
-    deadline = time.monotonic() + STARTUP_TIMEOUT
+    """A throwaway redis-server on a free loopback port (harness.redis.RedisProcess): no RDB,
+    no AOF, nothing kept."""
+    server = RedisProcess(workdir)
     try:
-        while True:
-            try:
-                client.ping()
-                return proc, url
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    stop(proc)
-                    raise BenchError(f"redis-server on port {port} did not start") from None
-                time.sleep(0.02)
-    finally:
-        client.close()
+        server.start()
+    except HarnessError as exc:
+        server.kill()
+        raise BenchError(str(exc)) from None
+    assert server.proc is not None
+    return server.proc, server.url
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -213,15 +179,29 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 @dataclass
 class Hub:
+    """A hub of a load script: its harness process, the name its rows and CPU labels use
+    (A, B, ...), and its worker processes (`hub serve --workers`)."""
+
     name: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
+    process: HubProcess
     workers: int = 1
 
     @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self.process.proc is not None, "not started"
+        return self.process.proc
+
+    @property
+    def port(self) -> int:
+        return self.process.port
+
+    @property
+    def log(self) -> Path:
+        return self.process.log
+
+    @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self.process.target
 
 
 @functools.cache
@@ -237,20 +217,16 @@ def hub_supports_workers() -> bool:
 
 def start_hub(name: str, redis_url: str, workdir: Path, extra_env: Mapping[str, str] = {},
               flags: Sequence[str] = HUB_FLAGS, workers: int = 1, log_name: str = "") -> Hub:
-    """`python -m hub serve` on a free port with its log in workdir (hub-{log_name or
-    name}.log). The write rate limit is off (HUB_WRITE_RATE=0): a load test measures the
-    server, not its throttle."""
-    port = free_port()
-    log = workdir / f"hub-{log_name or name}.log"
-    env = {**os.environ, "HUB_LOG_LEVEL": "WARNING", "HUB_WRITE_RATE": "0", **extra_env}
-    argv = [sys.executable, "-m", "hub", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--redis-url", redis_url, "--shutdown-grace", "2", *flags]
+    """`python -m hub serve` (harness.hub.HubProcess) on a free port with its log in
+    workdir/hub-{log_name or name}/; wait_hub waits until it serves. The write rate limit is
+    off (HUB_WRITE_RATE=0): a load test measures the server, not its throttle."""
+    args = ["--shutdown-grace", "2", *flags]
     if workers != 1:
-        argv += ["--workers", str(workers)]
-    with log.open("ab") as out:
-        proc = subprocess.Popen(dying_with_parent(argv), env=env, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=ROOT)
-    return Hub(name, proc, port, log, workers)
+        args += ["--workers", str(workers)]
+    process = HubProcess(workdir / f"hub-{log_name or name}", redis_url, args=args,
+                         env={"HUB_LOG_LEVEL": "WARNING", "HUB_WRITE_RATE": "0", **extra_env})
+    process.spawn()
+    return Hub(name, process, workers)
 
 
 async def wait_serving(channel: grpc.aio.Channel, proc: subprocess.Popen[bytes],
@@ -275,9 +251,16 @@ async def wait_serving(channel: grpc.aio.Channel, proc: subprocess.Popen[bytes],
 
 
 async def wait_hub(hub: Hub) -> None:
-    """Until every worker of the hub answers SERVING. With --workers N, until N processes of
-    the hub's tree listen on its port (the supervisor only reserves it), then until several
-    fresh connections in a row (which the kernel spreads over the workers) found SERVING."""
+    """Until every worker of the hub answers SERVING: the harness's readiness wait, then, with
+    --workers N, until N processes of the hub's tree listen on its port (the supervisor only
+    reserves it) and several fresh connections in a row (which the kernel spreads over the
+    workers) found SERVING."""
+    try:
+        await hub.process.await_serving(STARTUP_TIMEOUT)
+    except HarnessError as exc:  # its first line; the callers add the log's tail
+        raise BenchError(str(exc).splitlines()[0].rstrip(":")) from None
+    if hub.workers == 1:
+        return
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while hub.workers > 1 and listeners(hub.proc.pid, hub.port) < hub.workers:
         if hub.proc.poll() is not None:
@@ -286,7 +269,7 @@ async def wait_hub(hub: Hub) -> None:
             raise BenchError(f"hub {hub.name}: {listeners(hub.proc.pid, hub.port)} of"
                              f" {hub.workers} workers listening after {STARTUP_TIMEOUT:.0f}s")
         await asyncio.sleep(0.1)
-    for n in range(1 if hub.workers == 1 else 4 * hub.workers):
+    for n in range(4 * hub.workers):
         # A local subchannel pool: each probe gets its own connection.
         async with grpc.aio.insecure_channel(hub.target, options=[
                 ("grpc.use_local_subchannel_pool", 1), ("loadtest.probe", n)]) as channel:
