@@ -3,12 +3,9 @@
     fanout = Fanout(store, encode, Limits())
     async with asyncio.TaskGroup() as tg:
         tg.create_task(fanout.run())            # the one listener (and its auditor)
-        sub = await fanout.open(users=None)     # all users, live from now
-        try:
+        async with fanout.subscribe(users=None) as sub:   # all users, live from now
             await sub.wait()                    # events arrived (or sub.wake() was called)
             items, position = sub.drain()       # raises the error that ended it, if any
-        finally:
-            sub.close()
 
 One store subscription per process, never one per client. Each event is decoded once (by the
 store) and encoded once (by `encode`, which the gRPC layer supplies, so this module knows no
@@ -38,6 +35,8 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
 
 from hub import metrics
 from hub.domain import Event, EventBatch, Position, partition_of
@@ -200,6 +199,27 @@ class Subscription:
         self._engine._unregister(self)
 
 
+class _Subscribing:
+    """The context manager of Fanout.subscribe: a small slotted object rather than a
+    generator-based one, since every open stream holds one for its whole life."""
+
+    __slots__ = ("_args", "_engine", "_sub")
+
+    def __init__(self, engine: Fanout, *args: Any) -> None:
+        self._engine, self._args = engine, args
+        self._sub: Subscription | None = None
+
+    async def __aenter__(self) -> Subscription:
+        self._sub = await self._engine.open(*self._args)
+        self._args = ()
+        return self._sub
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._sub is not None:
+            self._sub.close()
+
+
 class Fanout:
     def __init__(self, store: Store, encode: Encoder, limits: Limits | None = None) -> None:
         self._store = store
@@ -245,6 +265,15 @@ class Fanout:
         return len(self._all) + len({s for subs in self._by_user.values() for s in subs})
 
     # -- subscriptions ----------------------------------------------------------------------
+
+    def subscribe(
+        self, users: set[str] | None, conflate: bool = False, resume: Position | None = None,
+        ready_timeout: float = 5.0,
+    ) -> _Subscribing:
+        """`async with fanout.subscribe(users) as sub:` opens a subscription (see `open`) and
+        closes it on the way out, whatever happens: no exit path leaks one (broadcaster's
+        shape)."""
+        return _Subscribing(self, users, conflate, resume, ready_timeout)
 
     async def open(
         self, users: set[str] | None, conflate: bool = False, resume: Position | None = None,

@@ -66,8 +66,7 @@ async def test_only_wanted_partitions_are_decoded_and_positions_move_past_the_re
                 await asyncio.sleep(0.01)
         assert store.decoded == []  # nobody subscribed yet
 
-        sub = await fanout.open({followed.user.id})
-        try:
+        async with fanout.subscribe({followed.user.id}) as sub:
             other = await store.create(user_in(1, store))
             wanted = await store.create(user_in(0, store))  # same partition, another user
             again = await store.create_many([user_in(0, store)])
@@ -80,8 +79,6 @@ async def test_only_wanted_partitions_are_decoded_and_positions_move_past_the_re
             items, _ = sub.drain()
             assert items == []  # the followed user did not change
             assert wanted.partition == 0
-        finally:
-            sub.close()
         # With the subscription gone, partition 0 is skipped too.
         before = len(store.decoded)
         last = await store.create(user_in(0, store))

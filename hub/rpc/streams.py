@@ -168,29 +168,28 @@ class LiveStreams:
         error: Exception | None = None
         label = "sync" if batched else "user_updates"
         try:
-            sub = await self.fanout.open(users=set())  # follows nobody until a Subscribe
-            stream = _Stream(self, sub, context, batched)
-            expires = caller().expires_at - time.time()
-            expiry = asyncio.get_running_loop().call_later(
-                max(0.0, expires), sub.fail, errors.Unauthenticated("token expired")
-            ) if expires != float("inf") else None
-            metrics.ACTIVE_STREAMS.labels(label).inc()
-            # One task more than the handler's own, not a TaskGroup of two: per idle stream,
-            # the group, its second task and their futures and callbacks cost more than the
-            # rest of the stream's state. The guarantees are kept by hand: the reader never
-            # raises (it hands every error to the subscription, which the writer raises), and
-            # it is cancelled and awaited below whichever way the writer ends.
-            reader = asyncio.create_task(stream.read(requests))
-            try:
-                await stream.write()
-            finally:
-                reader.cancel()
-                sub.close()
-                self.heartbeats.discard(stream)
-                metrics.ACTIVE_STREAMS.labels(label).dec()
-                if expiry is not None:
-                    expiry.cancel()
-                await asyncio.wait((reader,))
+            async with self.fanout.subscribe(users=set()) as sub:  # nobody until a Subscribe
+                stream = _Stream(self, sub, context, batched)
+                expires = caller().expires_at - time.time()
+                expiry = asyncio.get_running_loop().call_later(
+                    max(0.0, expires), sub.fail, errors.Unauthenticated("token expired")
+                ) if expires != float("inf") else None
+                metrics.ACTIVE_STREAMS.labels(label).inc()
+                # One task more than the handler's own, not a TaskGroup of two: per idle stream,
+                # the group, its second task and their futures and callbacks cost more than the
+                # rest of the stream's state. The guarantees are kept by hand: the reader never
+                # raises (it hands every error to the subscription, which the writer raises), and
+                # it is cancelled and awaited below whichever way the writer ends.
+                reader = asyncio.create_task(stream.read(requests))
+                try:
+                    await stream.write()
+                finally:
+                    reader.cancel()
+                    self.heartbeats.discard(stream)
+                    metrics.ACTIVE_STREAMS.labels(label).dec()
+                    if expiry is not None:
+                        expiry.cancel()
+                    await asyncio.wait((reader,))
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
