@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REDIS_SERVER
+from harness.redis import REDIS_SERVER
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("fanout", "latency", "bulk", "import", "getuser", "idle")
