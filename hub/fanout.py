@@ -362,52 +362,45 @@ class Fanout:
     def _reindex(self, sub: Subscription, users: set[str] | None) -> None:
         self._unregister(sub)
         # The subscription owns its set (add_users changes it in place): never the caller's.
-        users = None if users is None else set(users)
-        sub.users = users
+        sub.users = None if users is None else set()
         if users is None:
             self._all.add(sub)
         else:
-            for u in users:
-                subs = self._by_user.get(u)
-                if subs is None:
-                    subs = self._by_user[u] = set()
-                    self._wanted[partition_of(u, self.partitions)] += 1
-                subs.add(sub)
+            self._index_users(sub, users)
 
     def _index_users(self, sub: Subscription, users: Iterable[str]) -> None:
         assert sub.users is not None
         for u in users:
-            if u in sub.users:
-                continue
-            sub.users.add(u)
-            subs = self._by_user.get(u)
-            if subs is None:
-                subs = self._by_user[u] = set()
-                self._wanted[partition_of(u, self.partitions)] += 1
-            subs.add(sub)
+            if u not in sub.users:
+                sub.users.add(u)
+                self._follow(u, sub)
 
     def _unindex_users(self, sub: Subscription, users: Iterable[str]) -> None:
         assert sub.users is not None
         for u in users:
-            if u not in sub.users:
-                continue
-            sub.users.discard(u)
-            subs = self._by_user.get(u)
-            if subs is not None:
-                subs.discard(sub)
-                if not subs:
-                    del self._by_user[u]
-                    self._wanted[partition_of(u, self.partitions)] -= 1
+            if u in sub.users:
+                sub.users.discard(u)
+                self._unfollow(u, sub)
 
     def _unregister(self, sub: Subscription) -> None:
         self._all.discard(sub)
         for u in sub.users or ():
-            subs = self._by_user.get(u)
-            if subs is not None:
-                subs.discard(sub)
-                if not subs:
-                    del self._by_user[u]
-                    self._wanted[partition_of(u, self.partitions)] -= 1
+            self._unfollow(u, sub)
+
+    def _follow(self, user: str, sub: Subscription) -> None:
+        subs = self._by_user.get(user)
+        if subs is None:
+            subs = self._by_user[user] = set()
+            self._wanted[partition_of(user, self.partitions)] += 1
+        subs.add(sub)
+
+    def _unfollow(self, user: str, sub: Subscription) -> None:
+        subs = self._by_user.get(user)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._by_user[user]
+                self._wanted[partition_of(user, self.partitions)] -= 1
 
     # -- the listener -------------------------------------------------------------------------
 
