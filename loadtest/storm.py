@@ -49,16 +49,17 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from harness.redis import free_port
 from hub.api.user.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
 from hub.api.user.v1 import user_sync_service_pb2 as sync_pb
 from hub.api.user.v1 import user_sync_service_pb2_grpc as sync_grpc
-from loadtest._bench_procs import (
+from loadtest._subscriber import NOBODY, RESUME_TOKEN_KEY, _channel, _command, _reply, _stdin
+from loadtest.bench.procs import (
     HUB_FLAGS,
     BenchError,
     Children,
     CpuMeter,
     Hub,
-    free_port,
     log_summary,
     print_table,
     start_hub,
@@ -66,7 +67,6 @@ from loadtest._bench_procs import (
     stop,
     wait_hub,
 )
-from loadtest._subscriber import NOBODY, RESUME_TOKEN_KEY, _channel, _command, _reply, _stdin
 
 RAW_IDLE = "/loadtest.Raw/Idle"
 RAW_ECHO = "/loadtest.Raw/Echo"
