@@ -8,6 +8,7 @@
      ├── Contention           too many concurrent writers on one user; retry the call
      ├── TooManyRows          a bulk stream's response would exceed the message size limit
      ├── StoreUnavailable     the store (Redis) cannot serve now (unreachable, a replica, busy)
+ │    └── ShuttingDown    this instance is stopping (UNAVAILABLE too: resume elsewhere)
      ├── StoreFull            the store (Redis) is out of memory; nothing was written
      ├── SlowConsumer         a subscriber fell further behind than its buffer allows
      ├── RateLimited          a principal writes faster than its rate limit
@@ -79,6 +80,14 @@ class TooManyRows(HubError):
 class StoreUnavailable(HubError):
     def __init__(self, detail: str = "the user store is unreachable") -> None:
         super().__init__(detail)
+
+
+class ShuttingDown(StoreUnavailable):
+    """This instance is stopping: a stream it ends this way resumes on another one."""
+
+    def __init__(self) -> None:
+        super().__init__("this hub instance is shutting down: resume on another instance"
+                         " with the resume token (trailing hub-resume-token)")
 
 
 class StoreFull(HubError):

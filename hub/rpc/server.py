@@ -125,7 +125,7 @@ class HubServer:
         )
         ops = Commands(self.store, PasswordHashing(settings.password_hash_concurrency),
                       RateLimiter(settings.write_rate, settings.write_burst))
-        live = LiveStreams(self.fanout, ops, settings)
+        live = self._live = LiveStreams(self.fanout, ops, settings)
         add_service(self._server, _USER_SERVICE, UserService(ops, live, settings))
         add_service(self._server, _SYNC_SERVICE, UserSyncService(live))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -169,8 +169,11 @@ class HubServer:
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
-        """Readiness goes NOT_SERVING first so balancers drain us, then calls get `grace`."""
+        """Readiness goes NOT_SERVING first so balancers drain us; live streams end at once
+        with UNAVAILABLE and their resume token (their clients resume on another instance
+        with no loss, instead of waiting out the grace here); unary calls get `grace`."""
         await self.health.enter_graceful_shutdown()
+        self._live.end_all()
         await self._server.stop(self.settings.shutdown_grace if grace is None else grace)
         for task in self._tasks:
             task.cancel()

@@ -152,6 +152,15 @@ class LiveStreams:
         self.settings = settings
         self.heartbeats = _Heartbeats(settings.heartbeat_interval)
         self._last_token: tuple[Position | None, str] = (None, "")
+        self._open: set[Subscription] = set()  # every open stream's, to end them at shutdown
+        self._ending: errors.ShuttingDown | None = None
+
+    def end_all(self) -> None:
+        """Shutdown: every open stream ends now with UNAVAILABLE and its resume token, and a
+        stream that opens from now on is refused the same way."""
+        self._ending = errors.ShuttingDown()
+        for sub in list(self._open):
+            sub.fail(self._ending)
 
     def token(self, position: Position) -> str:
         """The resume token of `position`. Idle streams all stand at the engine's one shared
@@ -168,7 +177,10 @@ class LiveStreams:
         error: Exception | None = None
         label = "sync" if batched else "user_updates"
         try:
+            if self._ending is not None:
+                raise self._ending
             async with self.fanout.subscribe(users=set()) as sub:  # nobody until a Subscribe
+                self._open.add(sub)
                 stream = _Stream(self, sub, context, batched)
                 expires = caller().expires_at - time.time()
                 expiry = asyncio.get_running_loop().call_later(
@@ -185,6 +197,7 @@ class LiveStreams:
                     await stream.write()
                 finally:
                     reader.cancel()
+                    self._open.discard(sub)
                     self.heartbeats.discard(stream)
                     metrics.ACTIVE_STREAMS.labels(label).dec()
                     if expiry is not None:
