@@ -612,3 +612,25 @@ async def test_redis_calls_beyond_the_pool_wait_for_a_connection(redis_url: str)
         assert {u.id for u in users} == {created.user.id}
     finally:
         await store.aclose()
+
+
+async def test_a_store_error_names_the_redis_and_the_cause() -> None:
+    """An SRE reading "store unreachable" must know which Redis and why; a read is not told
+    that "nothing was written", a write whose reply is lost is told its outcome is unknown."""
+    from harness.redis import free_port
+    from hub.errors import StoreUnavailable
+
+    port = free_port()  # nothing listens there
+    store = RedisStore.from_url(f"redis://:secret@127.0.0.1:{port}/0", partitions=2)
+    try:
+        with pytest.raises(StoreUnavailable) as read:
+            await store.get(UNKNOWN_ID)
+        assert f"Redis at 127.0.0.1:{port}" in str(read.value)
+        assert "connect call failed" in str(read.value).lower()  # the cause
+        assert "secret" not in str(read.value)
+        assert "written" not in str(read.value)
+        with pytest.raises(StoreUnavailable) as write:
+            await store.create(row("ada@x.io"))
+        assert f"127.0.0.1:{port}" in str(write.value) and "unknown" in str(write.value)
+    finally:
+        await store.aclose()

@@ -23,6 +23,7 @@ acknowledged onto a history that silently replaced the one this process saw.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import secrets
@@ -155,43 +156,53 @@ _NOT_NOW = {
 
 
 @contextmanager
-def _unavailable(write: bool = False) -> Iterator[None]:
+def _unavailable(write: bool = False, where: str = "") -> Iterator[None]:
     """Redis failures become the errors callers handle: StoreUnavailable (UNAVAILABLE), or
     StoreFull (RESOURCE_EXHAUSTED) when Redis is out of memory. A write whose reply was lost
     may have been applied: the message says its outcome is unknown. Other Redis errors are
     bugs in hub and stay what they are (INTERNAL)."""
     nothing = "; nothing was written" if write else ""
+    store = f"the user store ({where})" if where else "the user store"
     try:
         yield
     except redis_errors.OutOfMemoryError as exc:
         metrics.STORE_ERRORS.inc()
         raise StoreFull(
-            "the user store is out of memory (Redis maxmemory)" + nothing) from exc
+            f"{store} is out of memory (Redis maxmemory)" + nothing) from exc
     except redis_errors.ReadOnlyError as exc:
         metrics.STORE_ERRORS.inc()
         raise StoreUnavailable(
-            "the user store is a read-only replica, not a primary" + nothing) from exc
+            f"{store} is a read-only replica, not a primary" + nothing) from exc
     except redis_errors.ResponseError as exc:
         word = str(exc).split(" ", 1)[0].upper()
         if word not in _NOT_NOW and not isinstance(exc, redis_errors.NoPermissionError):
             raise
         metrics.STORE_ERRORS.inc()
-        raise StoreUnavailable(_NOT_NOW.get(word, _NOT_NOW["NOPERM"]) + nothing) from exc
+        raise StoreUnavailable(
+            _NOT_NOW.get(word, _NOT_NOW["NOPERM"]).replace("the user store", store, 1) + nothing
+        ) from exc
     except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
         metrics.STORE_ERRORS.inc()
         if isinstance(exc, redis_errors.AuthenticationError):
             raise StoreUnavailable(
-                "the user store refused hub's credentials (check the Redis URL's user and"
+                f"{store} refused hub's credentials (check the Redis URL's user and"
                 " password)" + nothing) from exc
         if isinstance(exc, redis_errors.BusyLoadingError):
-            raise StoreUnavailable(_NOT_NOW["LOADING"] + nothing) from exc
+            raise StoreUnavailable(
+                _NOT_NOW["LOADING"].replace("the user store", store, 1) + nothing) from exc
         if isinstance(exc, redis_errors.TimeoutError):
             raise StoreUnavailable(
-                "the user store did not answer in time"
+                f"{store} did not answer in time"
                 + ("; the write's outcome is unknown" if write else "")) from exc
         raise StoreUnavailable(
-            "the user store is unreachable" + ("; the write's outcome is unknown if it was"
-                                               " sent" if write else "")) from exc
+            f"{store} is unreachable ({_cause(exc)})"
+            + ("; the write's outcome is unknown if it was sent" if write else "")) from exc
+
+
+def _cause(exc: BaseException) -> str:
+    """What failed, in redis-py's words (they name the address, never the password)."""
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _sentinel_pool_class() -> type[SentinelConnectionPool]:
@@ -242,6 +253,7 @@ class RedisStore:
         history_max_age: float = 86_400.0,
         replicas_ack: int = 0,
         replicas_ack_timeout: float = 1.0,
+        where: str = "",
     ) -> None:
         self.partitions = partitions
         # redis-py types every reply as a bytes/str union whatever decode_responses says; this
@@ -268,6 +280,10 @@ class RedisStore:
             self._sentinel_pool = None
         self._primary: tuple[str, int] | None = None
         self.switchovers = 0
+        self.where = where  # named in every error message: which Redis failed
+
+    def _failing(self, write: bool = False) -> contextlib.AbstractContextManager[None]:
+        return _unavailable(write, self.where)
 
     @classmethod
     def from_url(cls, url: str, pool_size: int = 64, **kwargs: Any) -> RedisStore:
@@ -286,9 +302,14 @@ class RedisStore:
             client = manager.master_for(
                 master, connection_pool_class=_sentinel_pool_class(),
                 password=password or None, db=db, ssl=tls, **options)
-            return cls(client, **kwargs)
+            where = f"Redis primary {master!r} via Sentinel " + ",".join(
+                f"{h}:{p}" for h, p in sentinels)
+            return cls(client, where=where, **kwargs)
         pool = aioredis.BlockingConnectionPool.from_url(url, **options)
-        return cls(aioredis.Redis.from_pool(pool), **kwargs)
+        kw = pool.connection_kwargs
+        where = (f"Redis at {kw['path']}" if "path" in kw
+                 else f"Redis at {kw.get('host', 'localhost')}:{kw.get('port', 6379)}")
+        return cls(aioredis.Redis.from_pool(pool), where=where, **kwargs)
 
     def _user_key(self, user_id: str) -> str:
         return f"{self._p}:user:{user_id}"
@@ -303,7 +324,7 @@ class RedisStore:
 
     async def _read(self, user_id: str) -> tuple[User, str | None]:
         key = self._user_key(user_id)
-        with _unavailable():
+        with self._failing():
             raw = await _read_again(lambda: self._r.hget(key, "d"))
         if raw is None:
             raise NotFound(user_id)
@@ -328,7 +349,7 @@ class RedisStore:
                     pipe.hget(self._user_key(i.decode()), "d")
                 return cast(list[bytes | None], await pipe.execute())
 
-        with _unavailable():
+        with self._failing():
             raws = await _read_again(read)
         # A user deleted between the two calls is skipped, as if listed a moment later.
         return [_user_from(msgpack.unpackb(raw)) for raw in raws if raw is not None]
@@ -345,7 +366,7 @@ class RedisStore:
                 self._log_key(partition), min=f"{after_offset + 1}-0", max="+", count=limit
             )
 
-        with _unavailable():
+        with self._failing():
             epoch, entries = await _read_again(read)
         out = []
         epoch_text = epoch.decode() if epoch is not None else ""
@@ -359,7 +380,7 @@ class RedisStore:
     async def position(self) -> Position:
         """The epoch ("" while none exists: a new or emptied Redis), each partition's last
         offset and the tag of its last write. Only reads (see _POSITION_LUA)."""
-        with _unavailable():
+        with self._failing():
             epoch, offsets, heads = await _read_again(lambda: self._read_position(
                 keys=[self._epoch, self._offsets, self._heads_key], args=[self.partitions]))
         position = Position(
@@ -383,13 +404,13 @@ class RedisStore:
     async def ensure_epoch(self) -> None:
         """Gives a new (or emptied) Redis its epoch at start-up, so the first subscribers and
         tokens have one before any write; later, writes create it if it goes missing."""
-        with _unavailable(write=True):
+        with self._failing(write=True):
             await self._r.set(self._epoch, secrets.token_hex(4), nx=True)
 
     async def rotate_epoch(self, seen: str) -> str:
         """Starts a new epoch if the current one is still `seen` (else returns the one another
         instance already started): the history was found replaced under the same offsets."""
-        with _unavailable(write=True):
+        with self._failing(write=True):
             reply = await self._rotate(keys=[self._epoch], args=[seen, secrets.token_hex(4)])
         epoch = bytes(reply).decode()
         self._forget(epoch)
@@ -403,7 +424,7 @@ class RedisStore:
     async def eviction_policy(self) -> str | None:
         """Redis's maxmemory-policy, or None when CONFIG is not allowed (managed Redis)."""
         try:
-            with _unavailable():
+            with self._failing():
                 reply = await self._r.config_get("maxmemory-policy")
         except (redis_errors.ResponseError, StoreUnavailable):
             return None
@@ -517,7 +538,7 @@ class RedisStore:
         keys = [self._emails, self._ids, self._offsets, self._epoch, self._heads_key]
         args: list[Any] = [secrets.token_hex(4), self._history_size, f"{self._p}:", ts // 1000,
                 self._history_max_age_ms, packed, tag, self._seen_epoch, known]
-        with _unavailable(write=True):
+        with self._failing(write=True):
             if not self._replicas_ack:
                 return await self._write(keys=keys, args=args)
             # WAIT counts the replicas that have this connection's writes, so it must follow
@@ -542,7 +563,7 @@ class RedisStore:
         pubsub = self._r.pubsub(ignore_subscribe_messages=True)
         channels = [self._channel(p) for p in range(self.partitions)]
         try:
-            with _unavailable():
+            with self._failing():
                 await pubsub.subscribe(*channels)
                 # Wait for every confirmation: from here on, no published event is missed.
                 confirmed = 0
@@ -557,7 +578,7 @@ class RedisStore:
             async def batches() -> AsyncIterator[EventBatch]:
                 task = asyncio.current_task()
                 while True:
-                    with _unavailable():
+                    with self._failing():
                         # Not a blocking read: an idle subscription still looks up once a
                         # second whether Sentinel moved the primary away from its node.
                         message = await pubsub.get_message(timeout=1.0)
@@ -582,13 +603,13 @@ class RedisStore:
         if self._sentinel_pool is not None:
             await self._follow_primary(self._sentinel_pool)
         try:
-            with _unavailable():
+            with self._failing():
                 role = await self._r.execute_command("ROLE")
         except StoreUnavailable as exc:
             if not isinstance(exc.__cause__, redis_errors.NoPermissionError):
                 raise
             # An ACL user without ROLE: a plain PING still says whether Redis answers.
-            with _unavailable():
+            with self._failing():
                 await self._r.ping()
             return
         kind = role[0].decode() if isinstance(role[0], bytes) else str(role[0])
@@ -604,7 +625,7 @@ class RedisStore:
         pool drops them when the address changes) and counts the switch-over, which ends the
         pub/sub subscription and makes the fan-out start a new epoch (writes the old primary
         took may be missing from the new one, and reads may have shown them)."""
-        with _unavailable():
+        with self._failing():
             primary = await pool.get_master_address()  # type: ignore[no-untyped-call]
         if self._primary is not None and primary != self._primary:
             log.warning("Sentinel moved the Redis primary from %s:%d to %s:%d",
