@@ -65,6 +65,11 @@ class Settings:
         500, "BulkCreateUsers rows written per atomic store call")
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = _setting("text", "text, or json for one JSON object per line")
+    access_log: bool = _setting(True, "log one line per call (method, code, duration, principal,"
+                                " peer); RPC metrics are kept either way")
+    access_log_sample: float = _setting(
+        1.0, "fraction of successful calls the access log writes (failures always); 0.01 keeps"
+        " 1 in 100 at high rates")
     heartbeat_interval: float = _setting(
         15.0, "seconds between heartbeat responses on an idle Sync stream")
     subscriber_max_events: int = _setting(
@@ -148,6 +153,8 @@ class Settings:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
+        if not 0 <= self.access_log_sample <= 1:
+            raise ValueError(f"access_log_sample must be 0 to 1, not {self.access_log_sample}")
         if self.redis_replicas_ack < 0 or self.redis_replicas_ack_timeout <= 0:
             raise ValueError("redis_replicas_ack must not be negative and its timeout must be"
                              " positive")

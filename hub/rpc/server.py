@@ -112,7 +112,8 @@ class HubServer:
         self.store = store or make_store(settings)
         self.health = health.aio.HealthServicer()
         self.port = 0
-        interceptors: list[grpc.aio.ServerInterceptor] = [LoggingInterceptor()]
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            LoggingInterceptor(settings.access_log_sample, settings.access_log)]
         verifier = TokenVerifier.from_settings(settings)
         if verifier is not None:
             interceptors.append(AuthInterceptor(verifier, settings))
@@ -157,6 +158,7 @@ class HubServer:
         await self._server.start()
         if self.settings.metrics_port:
             metrics.QUEUED_EVENTS.set_function(self.fanout.queued)
+            metrics.BUS_CONNECTED.set_function(lambda: float(self.fanout.connected))
             host = self.settings.metrics_host
             self._metrics = metrics.MetricsServer(host, self.settings.metrics_port)
             self.metrics_port = self._metrics.port
