@@ -65,6 +65,9 @@ class Settings:
         500, "BulkCreateUsers rows written per atomic store call")
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = _setting("text", "text, or json for one JSON object per line")
+    otlp_endpoint: str = _setting(
+        "", "OpenTelemetry: trace every RPC and export the spans over OTLP/gRPC to this"
+        " endpoint (e.g. http://collector:4317); needs the [tracing] extra. Empty: off")
     access_log: bool = _setting(True, "log one line per call (method, code, duration, principal,"
                                 " peer); RPC metrics are kept either way")
     access_log_sample: float = _setting(

@@ -86,3 +86,28 @@ async def test_metrics_have_process_platform_and_build_series_and_no_created() -
     assert {"process_cpu_seconds_total", "process_resident_memory_bytes", "python_info",
             "hub_build_info", "hub_event_bus_connected"} <= names
     assert not [n for n in names if n.endswith("_created")]
+
+
+async def test_tracing_sends_a_span_per_rpc_to_the_exporter() -> None:
+    """--otlp-endpoint turns on OpenTelemetry's grpc.aio interceptor; here the process has a
+    tracer provider of its own with an in-memory exporter, which hub then uses."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    settings = Settings(port=0, otlp_endpoint="http://127.0.0.1:4317")
+    async with HubServer(settings) as hub, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}") as channel:
+        await UserServiceStub(channel).CreateUser(
+            pb.CreateUserRequest(email="traced@example.com"), timeout=5)
+    spans = [s for s in exporter.get_finished_spans()
+             if s.name == "/user.v1.UserService/CreateUser"]
+    assert len(spans) == 1
+    assert spans[0].kind is trace.SpanKind.SERVER
+    assert spans[0].attributes is not None
+    assert spans[0].attributes.get("rpc.method") == "CreateUser"

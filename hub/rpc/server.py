@@ -66,6 +66,33 @@ class StartupError(Exception):
     """hub cannot start as configured; the message says why and what to change."""
 
 
+def tracing_interceptor(settings: Settings) -> grpc.aio.ServerInterceptor | None:
+    """OpenTelemetry's grpc.aio server interceptor (opentelemetry-instrumentation-grpc), with
+    an OTLP exporter to --otlp-endpoint, unless the process already set a tracer provider of
+    its own (tests, or an application embedding hub). None when tracing is off."""
+    if not settings.otlp_endpoint:
+        return None
+    try:
+        from opentelemetry import trace
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+    except ImportError:
+        raise StartupError("--otlp-endpoint needs the tracing extra: pip install"
+                           " 'hub[tracing]'") from None
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        provider = TracerProvider(resource=Resource.create({"service.name": "hub"}))
+        provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.otlp_endpoint)))
+        trace.set_tracer_provider(provider)
+    log.info("tracing RPCs to %s", settings.otlp_endpoint)
+    interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor()  # type: ignore[no-untyped-call]
+    return interceptor
+
+
 def make_store(settings: Settings) -> Store:
     if settings.redis_url:
         return RedisStore.from_url(
@@ -114,6 +141,9 @@ class HubServer:
         self.port = 0
         interceptors: list[grpc.aio.ServerInterceptor] = [
             LoggingInterceptor(settings.access_log_sample, settings.access_log)]
+        tracing = tracing_interceptor(settings)
+        if tracing is not None:
+            interceptors.insert(0, tracing)  # outermost: the span covers the whole call
         verifier = TokenVerifier.from_settings(settings)
         if verifier is not None:
             interceptors.append(AuthInterceptor(verifier, settings))
