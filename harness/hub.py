@@ -7,6 +7,9 @@ back where its clients' channels point), its output in a log file, dying with it
     hub.kill()                       # kill -9: no drain, in-flight calls just break
     hub.restart()                    # same port, same settings
 
+    HubProcess(tmp, url, port=0, workers=2).start()   # a supervisor on a port it picks
+    HubProcess(tmp, args=["--workers", "-1"]).run()   # a hub that must refuse: its exit status
+
 `start` and `wait_serving` block; asyncio code (the chaos checker) awaits `astart` and
 `await_serving` instead, so its event loop keeps serving its own streams meanwhile.
 """
@@ -14,7 +17,10 @@ back where its clients' channels point), its output in a log file, dying with it
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,6 +43,10 @@ STOP_TIMEOUT = 15.0
 # Readiness of the live feed: store reachable and event bus connected. A hub that is SERVING
 # here can take writes and subscriptions (UserService readiness is a subset of it).
 READY_SERVICE = "user.v1.UserSyncService"
+# What `hub serve` logs once it (or, with workers, every worker) has bound its port.
+LISTENING = r"hub listening on (?:\[[^\]]*\]|[^\s:]+):(\d+)"
+WORKER_STARTED = r"worker \d+ started \(pid (\d+)\)"
+_UNNAMED_LOGS = itertools.count(1)
 
 
 @dataclass
@@ -44,8 +54,11 @@ class HubProcess:
     """One `hub serve` on 127.0.0.1:`port` over `redis_url`, its log in `dir`.
 
     `env`: more HUB_* variables (they win over the defaults set here); `args`: more flags.
+    `port` 0: the hub picks one, known (and kept for restarts) once it logs that it listens.
     `source`: the checkout whose `hub` package runs (`python -m` puts its working directory
     first on sys.path): another commit's worktree, to compare it with this one.
+    `workers` > 1: `--workers N`, a supervisor on the port and N worker processes behind it
+    (their pids in `worker_pids` once it serves). `log_name`: the log's file name in `dir`.
     """
 
     dir: Path
@@ -54,8 +67,22 @@ class HubProcess:
     args: Sequence[str] = ()
     port: int = field(default_factory=free_port)
     source: Path = ROOT
+    workers: int = 1
+    log_name: str = ""
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0  # how many times it was started (restarts + 1)
+    worker_pids: list[int] = field(default_factory=list, init=False)
+    _run_offset: int = field(default=0, init=False, repr=False)  # this start's, in the log
+
+    def __post_init__(self) -> None:
+        # Named once (a port-0 hub's port is not known yet), and not another hub's log (one
+        # tried on a port another holds).
+        if not self.log_name:
+            stem = f"hub-{self.port}" if self.port else f"hub-port0-{next(_UNNAMED_LOGS)}"
+            self.log_name, n = f"{stem}.log", 1
+            while (self.dir / self.log_name).exists():
+                n += 1
+                self.log_name = f"{stem}-{n}.log"
 
     @property
     def target(self) -> str:
@@ -63,7 +90,7 @@ class HubProcess:
 
     @property
     def log(self) -> Path:
-        return self.dir / f"hub-{self.port}.log"
+        return self.dir / self.log_name
 
     @property
     def running(self) -> bool:
@@ -72,8 +99,31 @@ class HubProcess:
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def run_output(self) -> str:
+        """What the latest start has written (output() has every start's)."""
+        if not self.log.exists():
+            return ""
+        with self.log.open("rb") as log:
+            log.seek(self._run_offset)
+            return log.read().decode(errors="replace")
+
     def log_tail(self, chars: int = 3000) -> str:
         return self.output()[-chars:] or "(no log)"
+
+    def wait_output(self, pattern: str, timeout: float = START_TIMEOUT) -> re.Match[str]:
+        """Until the latest start's output matches `pattern` (re.MULTILINE), even if the
+        process has exited since; HarnessError if it exits without it or the time runs out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            exited = self.proc is None or self.proc.poll() is not None  # before the read
+            if match := re.search(pattern, self.run_output(), re.MULTILINE):
+                return match
+            if exited or time.monotonic() > deadline:
+                state = ("exited" if self.proc is None or self.proc.poll() is not None
+                         else f"still silent after {timeout:.0f}s")
+                raise HarnessError(f"hub on {self.port} never logged {pattern!r} ({state}):\n"
+                                   f"{self.log_tail()}")
+            time.sleep(0.05)
 
     # -- starting --------------------------------------------------------------------------
 
@@ -84,14 +134,20 @@ class HubProcess:
         self.dir.mkdir(parents=True, exist_ok=True)
         environ = {**os.environ, "HUB_HOST": "127.0.0.1", "HUB_PORT": str(self.port),
                    "HUB_REDIS_URL": self.redis_url, **self.env}
-        # Appended, not truncated: a restarted hub's log keeps what the killed one said.
+        workers = ["--workers", str(self.workers)] if self.workers != 1 else []
+        # Appended, not truncated: a restarted hub's log keeps what the killed one said, after
+        # a line that says where the next start begins (none before the first: its first line
+        # is the hub's own).
         with self.log.open("ab") as out:
-            out.write(f"--- start {self.starts + 1} at {time.time():.3f} ---\n".encode())
-            out.flush()
+            if self.starts:
+                out.write(f"--- start {self.starts + 1} at {time.time():.3f} ---\n".encode())
+                out.flush()
+            self._run_offset = out.tell()
             self.proc = subprocess.Popen(
-                dying_with_parent([sys.executable, "-m", "hub", "serve", *self.args]),
+                dying_with_parent([sys.executable, "-m", "hub", "serve", *workers, *self.args]),
                 env=environ, stdout=out, stderr=subprocess.STDOUT, cwd=self.source)
         self.starts += 1
+        self.worker_pids = []
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         self.spawn()
@@ -102,30 +158,74 @@ class HubProcess:
         self.spawn()
         await self.await_serving(within)
 
-    def wait_serving(self, timeout: float = START_TIMEOUT) -> None:
-        """Until READY_SERVICE is SERVING; HarnessError (with the log) if the hub exits or
-        the time runs out."""
+    def run(self, timeout: float = START_TIMEOUT) -> int:
+        """Starts a hub that is to exit by itself (a refusal) and returns its exit status;
+        HarnessError (killing it) if it still runs after `timeout`."""
+        self.spawn()
+        code = self.wait_exit(timeout)
+        if code is None:
+            self.kill()
+            raise HarnessError(f"hub on {self.port} still running after {timeout:.0f}s:\n"
+                               f"{self.log_tail()}")
+        return code
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """The exit status once the process has ended, within `timeout`; None if it runs on."""
+        if self.proc is None:
+            raise HarnessError(f"hub on {self.port} was never started")
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def wait_serving(self, timeout: float = START_TIMEOUT, service: str = READY_SERVICE
+                     ) -> None:
+        """Until health of `service` is SERVING ("": the process is up, whatever its
+        readiness); HarnessError (with the log) if the hub exits or the time runs out.
+
+        Every check dials a connection of its own, which the kernel hands to any of the
+        workers: with workers, 5 SERVING answers in a row per worker are asked for, so each
+        has had its chance to say otherwise. A port-0 hub's port (and a supervisor's worker
+        pids) are read from its log first."""
         deadline = time.monotonic() + timeout
-        last = "no answer"
-        with grpc.insecure_channel(self.target) as channel:
-            health: Any = health_pb2_grpc.HealthStub(channel)  # stubs lack its methods
-            while True:
-                self._check_alive()
+        if self.port == 0 or self.workers > 1:
+            self._read_listening(deadline)
+        wanted = 1 if self.workers <= 1 else 5 * self.workers
+        in_a_row, last = 0, "no answer"
+        while in_a_row < wanted:
+            self._check_alive()
+            with grpc.insecure_channel(
+                    self.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                health: Any = health_pb2_grpc.HealthStub(channel)  # stubs lack its methods
                 try:
-                    reply = health.Check(
-                        health_pb2.HealthCheckRequest(service=READY_SERVICE), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
+                    reply = health.Check(health_pb2.HealthCheckRequest(service=service),
+                                         timeout=1)
                     last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
                 except grpc.RpcError as err:
                     last = str(err.code())
-                if time.monotonic() > deadline:
-                    raise HarnessError(f"hub on {self.port} not SERVING after {timeout:.0f}s"
-                                       f" (last health: {last}):\n{self.log_tail()}")
-                time.sleep(0.05)
+            if last == "SERVING":
+                in_a_row += 1
+                continue
+            in_a_row = 0
+            if time.monotonic() > deadline:
+                raise HarnessError(f"hub on {self.port} not SERVING after {timeout:.0f}s"
+                                   f" (last health: {last}):\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def _read_listening(self, deadline: float) -> None:
+        listening = self.wait_output(LISTENING, max(deadline - time.monotonic(), 0))
+        if self.port == 0:
+            self.port = int(listening.group(1))
+        if self.workers > 1:
+            self.worker_pids = [int(pid) for pid in re.findall(WORKER_STARTED,
+                                                               self.run_output())]
+            if len(self.worker_pids) != self.workers:
+                raise HarnessError(f"hub on {self.port} logged {len(self.worker_pids)} of"
+                                   f" {self.workers} workers started:\n{self.log_tail()}")
 
     async def await_serving(self, within: float = START_TIMEOUT) -> None:
-        """wait_serving for asyncio callers."""
+        """wait_serving of READY_SERVICE for asyncio callers (of one process on a known port:
+        port 0 and workers are wait_serving's)."""
         deadline = time.monotonic() + within
         last = "no answer"
         async with grpc.aio.insecure_channel(self.target) as channel:
@@ -155,9 +255,13 @@ class HubProcess:
     # -- stopping --------------------------------------------------------------------------
 
     def kill(self) -> None:
-        """kill -9: no graceful shutdown, streams and calls in flight just break."""
+        """kill -9: no graceful shutdown, streams and calls in flight just break. A
+        supervisor's workers first (its children while it runs; they die with it anyway)."""
         if self.running:
             assert self.proc is not None
+            for pid in self.worker_pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.proc.kill()
             self.proc.wait()
 
