@@ -35,6 +35,7 @@ from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from harness.hub import HubProcess
 from hub.api.user.v1 import common_pb2
 from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1 import user_sync_service_pb2 as spb
@@ -48,7 +49,6 @@ from hub.rpc.server import HubServer
 from hub.settings import Settings
 from hub.store.base import Store
 from hub.store.memory import MemoryStore
-from tests.conftest import HubProcess
 
 pytestmark = pytest.mark.anyio
 

@@ -16,6 +16,8 @@ import anyio
 import grpc
 import pytest
 
+from harness.hub import HubProcess
+from harness.redis import free_port
 from hub.api.user.v1 import common_pb2
 from hub.api.user.v1 import user_service_pb2 as pb
 from hub.client import (
@@ -30,7 +32,6 @@ from hub.client import (
 )
 from hub.rpc.server import HubServer
 from hub.settings import Settings
-from tests.conftest import HubProcess, free_port
 
 pytestmark = pytest.mark.anyio
 

@@ -9,10 +9,10 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
+from harness.hub import HubProcess
 from hub.api.user.v1 import common_pb2
 from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
-from tests.conftest import HubProcess
 
 
 @pytest.fixture

@@ -19,13 +19,13 @@ from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from harness.hub import HubProcess
 from hub.api.user.v1 import common_pb2
 from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1 import user_sync_service_pb2 as spb
 from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
 from hub.api.user.v1.user_sync_service_pb2_grpc import UserSyncServiceStub
 from hub.client import ContinuityLost, SyncBatch, SyncFeed
-from tests.conftest import HubProcess
 
 pytestmark = pytest.mark.anyio
 Key = tuple[str, int]  # (user id, version): one event

@@ -20,6 +20,7 @@ import grpc
 import pytest
 import redis
 
+from harness.hub import HubProcess
 from harness.redis import (
     RedisProcess,
     SentinelProcess,
@@ -30,7 +31,6 @@ from hub.api.user.v1 import common_pb2
 from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
 from hub.client import ContinuityLost, SyncBatch, SyncFeed
-from tests.conftest import HubProcess
 
 pytestmark = pytest.mark.anyio
 FAST = {"HUB_HEARTBEAT_INTERVAL": "0.2"}

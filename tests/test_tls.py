@@ -13,6 +13,7 @@ import pytest
 import redis
 import trustme
 
+from harness.redis import REDIS_SERVER, RedisProcess, free_port
 from hub.api.user.v1 import common_pb2
 from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
@@ -23,7 +24,7 @@ from hub.rpc.server import HubServer
 from hub.settings import Settings
 from hub.store.memory import MemoryStore
 from hub.store.redis import RedisStore
-from tests.conftest import REDIS_SERVER, RedisProcess, free_port, wait_for_redis
+from tests.conftest import wait_for_redis
 
 pytestmark = pytest.mark.anyio
 
