@@ -3,19 +3,17 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
 import pytest
 import redis
 
-from harness.redis import REDIS_SERVER, RedisProcess, dying_with_parent, free_port
+from harness.hub import HubProcess
+from harness.redis import REDIS_SERVER, RedisProcess, free_port
 from hub.api.user.v1 import user_service_pb2_grpc
 from hub.rpc.server import HubServer
 from hub.settings import Settings
@@ -23,8 +21,8 @@ from hub.store.base import Store
 from hub.store.memory import MemoryStore
 from hub.store.redis import RedisStore
 
-__all__ = ["REDIS_SERVER", "HubProcess", "RedisProcess", "dying_with_parent", "free_port",
-           "wait_for_redis"]
+# The harness's, for modules that import them from here.
+__all__ = ["REDIS_SERVER", "HubProcess", "free_port", "wait_for_redis"]
 
 
 @pytest.fixture(scope="session")
@@ -108,61 +106,26 @@ async def stub(hub: HubServer) -> AsyncIterator[user_service_pb2_grpc.UserServic
         yield user_service_pb2_grpc.UserServiceStub(channel)
 
 
-@dataclass
-class HubProcess:
-    """`python -m hub serve` in a subprocess: what an operator runs, killable for fault tests."""
-
-    port: int
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-
 @pytest.fixture
 def hub_process(tmp_path: Path) -> Iterator[Callable[..., HubProcess]]:
-    started: list[HubProcess] = []
+    """Starts `python -m hub serve` (harness.hub.HubProcess, its log in tmp_path) and returns
+    once it serves; every one it made is killed after the test.
 
-    def start(redis_url: str = "", **env: str) -> HubProcess:
-        port = free_port()
-        log = tmp_path / f"hub-{port}.log"
-        environ = {**os.environ, "HUB_PORT": str(port), "HUB_REDIS_URL": redis_url, **env}
-        with log.open("wb") as out:
-            proc = subprocess.Popen(dying_with_parent([sys.executable, "-m", "hub", "serve"]),
-                                    env=environ, stdout=out, stderr=subprocess.STDOUT)
-        hub = HubProcess(port, proc, log)
-        started.append(hub)
-        _wait_serving(hub)
+        hub_process(redis_url, HUB_HEARTBEAT_INTERVAL="0.2")   # HUB_* variables
+        hub_process(url, workers=2, port=0, args=["--shutdown-grace", "2"])
+        hub_process(url, start=False)   # not started: .spawn(), .run() or .start() it
+    """
+    made: list[HubProcess] = []
+
+    def make(redis_url: str = "", *, args: Sequence[str] = (), workers: int = 1,
+             port: int | None = None, start: bool = True, **env: str) -> HubProcess:
+        hub = HubProcess(tmp_path, redis_url, env=env, args=args, workers=workers,
+                         port=free_port() if port is None else port)
+        made.append(hub)
+        if start:
+            hub.start()
         return hub
 
-    yield start
-    for hub in started:
-        if hub.proc.poll() is None:
-            hub.proc.kill()
-            hub.proc.wait()
-
-
-def _wait_serving(hub: HubProcess, timeout: float = 20) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(hub.target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if hub.proc.poll() is not None:
-                raise RuntimeError(f"hub exited early:\n{hub.output()}")
-            try:
-                # Readiness of the live feed: store reachable and event bus connected.
-                reply = health.Check(
-                    health_pb2.HealthCheckRequest(service="user.v1.UserSyncService"), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-    raise TimeoutError(f"hub on {hub.target} not SERVING:\n{hub.output()}")
+    yield make
+    for hub in made:
+        hub.kill()

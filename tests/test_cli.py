@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import HubProcess, free_port
+from harness.hub import HubProcess
+from harness.redis import free_port
 
 UNKNOWN_ID = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
 
@@ -200,21 +201,18 @@ def test_serve_says_it_runs_on_the_in_memory_store(server: HubProcess) -> None:
     assert "data is lost on exit" in first
 
 
-def test_serve_names_redis_without_its_password(redis_url: str) -> None:
+def test_serve_names_redis_without_its_password(
+    hub_process: Callable[..., HubProcess], redis_url: str
+) -> None:
     with_password = redis_url.replace("redis://", "redis://:s3cret@")
     # The first line is logged before the store is touched, so whether this Redis accepts
-    # the password does not matter here.
-    result = subprocess.Popen(
-        [sys.executable, "-m", "hub", "serve", "--port", str(free_port()),
-         "--redis-url", with_password],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    # the password does not matter here: no wait for health, only for that line.
+    server = hub_process(args=["--redis-url", with_password], start=False)
+    server.spawn()
     try:
-        assert result.stdout is not None
-        first = result.stdout.readline()
+        first = server.wait_output(r".*\n").group()
     finally:
-        result.kill()
-        result.wait()
+        server.kill()
     assert "Redis store" in first
     assert "s3cret" not in first and "***@" in first
 

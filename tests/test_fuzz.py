@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
@@ -26,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.hub import HubProcess
 from hub import resume
 from hub.api.user.v1 import common_pb2
 from hub.api.user.v1 import user_service_pb2 as pb
@@ -33,7 +31,6 @@ from hub.api.user.v1 import user_sync_service_pb2 as spb
 from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
 from hub.domain import Position
 from hub.resume import RESUME_TOKEN_KEY
-from tests.conftest import HubProcess, _wait_serving, free_port
 
 # Examples per test; each RPC test below sends this many requests (streams: this many streams).
 EXAMPLES = {"unary": 300, "list": 150, "bulk": 100, "stream": 150, "raw": 60}
@@ -71,16 +68,10 @@ class Known:
 def fuzz_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
     """`python -m hub serve` for the module (hypothesis runs many examples per test, so the
     function-scoped hub_process fixture does not fit)."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("fuzz") / "hub.log"
-    environ = {**os.environ, "HUB_PORT": str(port), "HUB_REDIS_URL": "",
-               "HUB_LOG_FORMAT": "json", "HUB_WRITE_RATE": "0"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "hub", "serve"], env=environ,
-                                stdout=out, stderr=subprocess.STDOUT)
-    hub = HubProcess(port, proc, log)
+    hub = HubProcess(tmp_path_factory.mktemp("fuzz"),
+                     env={"HUB_LOG_FORMAT": "json", "HUB_WRITE_RATE": "0"})
     try:
-        _wait_serving(hub)
+        hub.start()
         with grpc.insecure_channel(hub.target) as channel:
             stub = UserServiceStub(channel)
             for i in range(30):
@@ -94,9 +85,7 @@ def fuzz_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
             Known.epoch = resume.decode(token, PARTITIONS).epoch
         yield hub
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        hub.kill()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jwt
@@ -82,25 +82,8 @@ def run_locust(hub: HubProcess, tmp_path: Path, classes: Sequence[str], users: i
 
 
 @pytest.fixture
-def hub_serve(tmp_path: Path) -> Iterator[Callable[..., HubProcess]]:
-    """Starts `hub serve` processes of the harness (returning once each serves), killed after
-    the test."""
-    started: list[HubProcess] = []
-
-    def start(redis_url: str, **env: str) -> HubProcess:
-        hub = HubProcess(tmp_path / f"hub-{len(started) + 1}", redis_url, env=env)
-        started.append(hub)
-        hub.start()
-        return hub
-
-    yield start
-    for hub in started:
-        hub.kill()
-
-
-@pytest.fixture
-def redis_hub(redis_url: str, hub_serve: Callable[..., HubProcess]) -> HubProcess:
-    return hub_serve(redis_url, HUB_LOG_LEVEL="WARNING")
+def redis_hub(redis_url: str, hub_process: Callable[..., HubProcess]) -> HubProcess:
+    return hub_process(redis_url, HUB_LOG_LEVEL="WARNING")
 
 
 def test_crud_mix(redis_hub: HubProcess, tmp_path: Path) -> None:
@@ -119,10 +102,10 @@ def test_bulk_producer(redis_hub: HubProcess, tmp_path: Path) -> None:
 
 
 def test_sync_subscribers_with_writers(
-    redis_url: str, hub_serve: Callable[..., HubProcess], tmp_path: Path
+    redis_url: str, hub_process: Callable[..., HubProcess], tmp_path: Path
 ) -> None:
     # With authentication on, so the token option is exercised too.
-    hub = hub_serve(redis_url, HUB_LOG_LEVEL="WARNING", HUB_JWT_SECRET=SECRET)
+    hub = hub_process(redis_url, HUB_LOG_LEVEL="WARNING", HUB_JWT_SECRET=SECRET)
     token = jwt.encode({"sub": "locust", "scope": f"{READ} {WRITE} {SUBSCRIBE}",
                         "exp": int(time.time()) + 300}, SECRET, algorithm="HS256")
     subscribers = 2

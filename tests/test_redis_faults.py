@@ -13,10 +13,8 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -30,17 +28,16 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from harness.redis import RedisProcess, dying_with_parent, free_port
+from harness.hub import HubProcess
+from harness.redis import RedisProcess, dying_with_parent
 from hub.api.user.v1 import common_pb2
 from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1 import user_sync_service_pb2 as spb
 from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
 from hub.api.user.v1.user_sync_service_pb2_grpc import UserSyncServiceStub
-from tests.conftest import HubProcess
 
 pytestmark = pytest.mark.anyio
 FAST = {"HUB_HEARTBEAT_INTERVAL": "0.2"}
-SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 USER_SERVICE = "user.v1.UserService"
 # "Within a few seconds": the bound a live subscriber gets to be told its history is gone.
@@ -64,55 +61,6 @@ def redis_procs(tmp_path: Path) -> Iterator[Callable[..., RedisProcess]]:
     yield start
     for proc in started:
         proc.kill()
-
-
-@pytest.fixture
-def spawn_hub(tmp_path: Path) -> Iterator[Callable[..., HubProcess]]:
-    """`python -m hub serve` WITHOUT waiting for readiness: for hubs that must refuse to start,
-    or that must stay NOT_SERVING. The caller waits for what it expects."""
-    started: list[HubProcess] = []
-
-    def start(redis_url: str, **env: str) -> HubProcess:
-        port = free_port()
-        log = tmp_path / f"hub-{port}.log"
-        environ = {**os.environ, "HUB_PORT": str(port), "HUB_REDIS_URL": redis_url, **env}
-        with log.open("wb") as out:
-            proc = subprocess.Popen(dying_with_parent([sys.executable, "-m", "hub", "serve"]),
-                                    env=environ, stdout=out, stderr=subprocess.STDOUT)
-        hub = HubProcess(port, proc, log)
-        started.append(hub)
-        return hub
-
-    yield start
-    for hub in started:
-        if hub.proc.poll() is None:
-            hub.proc.kill()
-            hub.proc.wait()
-
-
-def wait_live(hub: HubProcess, timeout: float = 20) -> None:
-    """Until the process answers health "" (liveness), whatever its readiness."""
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(hub.target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if hub.proc.poll() is not None:
-                pytest.fail(f"hub exited with {hub.proc.returncode}:\n{hub.output()}")
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(service=""),
-                                timeout=1).status == SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-    pytest.fail(f"hub on {hub.target} never answered health:\n{hub.output()}")
-
-
-def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None
 
 
 # -- calls -----------------------------------------------------------------------------------
@@ -491,11 +439,12 @@ async def test_create_with_offsets_evicted_lands_whole_or_not_at_all(
 
 @pytest.mark.timeout(90)
 def test_serve_refuses_an_evicting_redis(
-    redis_procs: Callable[..., RedisProcess], spawn_hub: Callable[..., HubProcess],
+    redis_procs: Callable[..., RedisProcess], hub_process: Callable[..., HubProcess],
 ) -> None:
     store = redis_procs("r", args=["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"])
-    hub = spawn_hub(store.url)
-    code = wait_exit(hub.proc, 20)
+    hub = hub_process(store.url, start=False)  # it must refuse to start: no wait for health
+    hub.spawn()
+    code = hub.wait_exit(20)
     output = hub.output()
     assert code is not None, f"hub kept running on an allkeys-lru Redis:\n{output[-3000:]}"
     assert code != 0, output[-3000:]
@@ -601,13 +550,14 @@ async def test_out_of_memory_mid_import_reports_every_row(
 
 @pytest.mark.timeout(90)
 async def test_read_only_replica_gives_unavailable_not_serving_and_no_traceback_loop(
-    redis_procs: Callable[..., RedisProcess], spawn_hub: Callable[..., HubProcess],
+    redis_procs: Callable[..., RedisProcess], hub_process: Callable[..., HubProcess],
 ) -> None:
     primary = redis_procs("p")
     replica = redis_procs("r", replicaof=primary)
     replica.wait_synced()
-    hub = spawn_hub(replica.url, **FAST)
-    wait_live(hub)
+    hub = hub_process(replica.url, start=False, **FAST)  # it stays NOT_SERVING
+    hub.spawn()
+    hub.wait_serving(20, service="")  # liveness: the process answers, whatever its readiness
     await anyio.sleep(4)  # health checks and the fan-out's retries run meanwhile
     problems = []
     async with grpc.aio.insecure_channel(hub.target) as channel:

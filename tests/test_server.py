@@ -13,13 +13,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from harness.hub import HubProcess
+from harness.redis import RedisProcess, free_port
 from hub.api.user.v1 import common_pb2
 from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
 from hub.rpc.server import SYNC_SERVICE, USER_SERVICE, HubServer
 from hub.settings import Settings
 from hub.store.redis import RedisStore
-from tests.conftest import HubProcess, RedisProcess, free_port
 
 pytestmark = pytest.mark.anyio
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -146,15 +147,9 @@ def test_open_non_loopback_bind_needs_auth_or_insecure() -> None:
 def test_busy_port_is_an_error(hub_process: Callable[..., HubProcess]) -> None:
     hub = hub_process()
     # A second server on the same port must fail, not share it (no SO_REUSEPORT by default).
-    import subprocess
-    import sys
-
+    second = hub_process(port=hub.port, start=False)
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "hub", "serve", "--port", str(hub.port)],
-        capture_output=True, text=True, timeout=30,
-    )
-    assert result.returncode != 0
+    assert second.run(timeout=30) != 0
     assert time.monotonic() - started < 30
 
 

@@ -3,56 +3,27 @@ one Redis, judged by what a client and an operator see."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import psutil
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from harness.hub import HubProcess
+from harness.redis import free_port
 from hub.api.user.v1 import common_pb2
 from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1 import user_sync_service_pb2 as spb
 from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
 from hub.api.user.v1.user_sync_service_pb2_grpc import UserSyncServiceStub
-from tests.conftest import dying_with_parent, free_port
 
-SYNC_SERVICE = "user.v1.UserSyncService"
 CREATE = "/user.v1.UserService/CreateUser"
-
-
-@dataclass
-class Workers:
-    """A `hub serve --workers N` supervisor subprocess and what its log says about it."""
-
-    proc: subprocess.Popen[bytes]
-    log: Path
-    port: int
-    pids: list[int]  # the workers', from the supervisor's log, in worker order
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-
-def hub(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hub", *args], capture_output=True, text=True,
-                          timeout=30, check=False)
 
 
 def fresh_channel(target: str) -> grpc.Channel:
@@ -62,61 +33,15 @@ def fresh_channel(target: str) -> grpc.Channel:
 
 
 @pytest.fixture
-def start_workers(tmp_path: Path) -> Iterator[Callable[..., Workers]]:
-    started: list[Workers] = []
+def start_workers(hub_process: Callable[..., HubProcess]) -> Callable[..., HubProcess]:
+    """A `hub serve --workers N` supervisor on a port it picks, once every worker serves
+    (the harness reads the port and the workers' pids from its log)."""
 
-    def start(redis_url: str, *flags: str, workers: int = 2) -> Workers:
-        log = tmp_path / f"workers-{len(started)}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(dying_with_parent(
-                [sys.executable, "-m", "hub", "serve", "--workers", str(workers), "--port", "0",
-                 "--redis-url", redis_url, "--heartbeat-interval", "0.2",
-                 "--shutdown-grace", "2", *flags]),
-                stdout=out, stderr=subprocess.STDOUT)
-        server = Workers(proc, log, 0, [])
-        started.append(server)
-        deadline = time.monotonic() + 30
-        while not (listening := re.search(r"hub listening on 127\.0\.0\.1:(\d+)",
-                                          server.output())):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"no 'hub listening' line (exit {proc.poll()}):\n{server.output()}")
-            time.sleep(0.05)
-        server.port = int(listening.group(1))
-        server.pids = [int(pid) for pid in re.findall(r"worker \d+ started \(pid (\d+)\)",
-                                                       server.output())]
-        assert len(server.pids) == workers
-        wait_all_serving(server)
-        return server
+    def start(redis_url: str, *flags: str, workers: int = 2) -> HubProcess:
+        return hub_process(redis_url, workers=workers, port=0, args=[
+            "--heartbeat-interval", "0.2", "--shutdown-grace", "2", *flags])
 
-    yield start
-    for server in started:
-        # Workers first (by pid, ours): each was spawned by its supervisor, not by us.
-        for pid in server.pids:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                psutil.Process(pid).kill()
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
-
-
-def wait_all_serving(server: Workers, timeout: float = 20) -> None:
-    """Until 10 fresh connections in a row find the live feed SERVING: with two workers,
-    every worker has had its chance to answer NOT_SERVING."""
-    deadline = time.monotonic() + timeout
-    in_a_row = 0
-    while in_a_row < 10:
-        if time.monotonic() > deadline:
-            pytest.fail(f"workers not all SERVING:\n{server.output()}")
-        with fresh_channel(server.target) as channel:
-            try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=SYNC_SERVICE), timeout=2)
-                serving = reply.status == health_pb2.HealthCheckResponse.SERVING
-            except grpc.RpcError:
-                serving = False
-        in_a_row = in_a_row + 1 if serving else 0
-        if not serving:
-            time.sleep(0.05)
+    return start
 
 
 def metrics_ports() -> int:
@@ -193,7 +118,7 @@ class Subscriber:
 
 
 def test_two_workers_share_port_users_and_feed_and_stop_on_sigterm(
-    start_workers: Callable[..., Workers], redis_url: str
+    start_workers: Callable[..., HubProcess], redis_url: str
 ) -> None:
     metrics = metrics_ports()
     server = start_workers(redis_url, "--metrics-port", str(metrics))
@@ -207,8 +132,8 @@ def test_two_workers_share_port_users_and_feed_and_stop_on_sigterm(
         assert output.count("event loop: asyncio") == 2
     supervisor = psutil.Process(server.proc.pid)
     children = {child.pid for child in supervisor.children(recursive=True)}
-    assert set(server.pids) <= children
-    assert all(psutil.Process(pid).is_running() for pid in server.pids)
+    assert set(server.worker_pids) <= children
+    assert all(psutil.Process(pid).is_running() for pid in server.worker_pids)
 
     subscriber = Subscriber(server.target)
     try:
@@ -239,25 +164,24 @@ def test_two_workers_share_port_users_and_feed_and_stop_on_sigterm(
     assert "second signal" not in output  # one SIGTERM: a graceful drain, not "stop now"
 
 
-def test_more_than_one_worker_needs_redis() -> None:
+def test_more_than_one_worker_needs_redis(hub_process: Callable[..., HubProcess]) -> None:
+    # No Redis URL (the harness sets HUB_REDIS_URL=""). The log holds what serve says (stderr).
     for workers in ("2", "0"):
-        result = hub("serve", "--workers", workers, "--port", str(free_port()))
-        assert result.returncode == 2, result.stderr
-        assert "needs --redis-url" in result.stderr
-        assert "Traceback" not in result.stderr
-    from_env = subprocess.run([sys.executable, "-m", "hub", "serve"], capture_output=True,
-                              text=True, timeout=30, check=False,
-                              env={**os.environ, "HUB_WORKERS": "2", "HUB_REDIS_URL": ""})
-    assert from_env.returncode == 2 and "needs --redis-url" in from_env.stderr
-    refused = hub("serve", "--workers", "-1")
-    assert refused.returncode == 2 and "workers" in refused.stderr
+        result = hub_process(args=["--workers", workers], start=False)
+        assert result.run() == 2, result.output()
+        assert "needs --redis-url" in result.output()
+        assert "Traceback" not in result.output()
+    from_env = hub_process(start=False, HUB_WORKERS="2")
+    assert from_env.run() == 2 and "needs --redis-url" in from_env.output()
+    refused = hub_process(args=["--workers", "-1"], start=False)
+    assert refused.run() == 2 and "workers" in refused.output()
 
 
 def test_a_dead_worker_stops_the_others_and_the_supervisor_fails(
-    start_workers: Callable[..., Workers], redis_url: str
+    start_workers: Callable[..., HubProcess], redis_url: str
 ) -> None:
     server = start_workers(redis_url)
-    victim, survivor = server.pids
+    victim, survivor = server.worker_pids
     psutil.Process(victim).kill()
     assert server.proc.wait(timeout=20) == 1
     assert exited([survivor], timeout=5)
@@ -267,17 +191,19 @@ def test_a_dead_worker_stops_the_others_and_the_supervisor_fails(
 
 
 def test_workers_die_with_a_killed_supervisor(
-    start_workers: Callable[..., Workers], redis_url: str
+    start_workers: Callable[..., HubProcess], redis_url: str
 ) -> None:
     server = start_workers(redis_url)
     server.proc.kill()
     server.proc.wait()
-    assert exited(server.pids, timeout=10)
+    assert exited(server.worker_pids, timeout=10)
     with socket.socket() as s:  # the port is free again
         s.bind(("127.0.0.1", server.port))
 
 
-def test_a_port_another_server_holds_is_not_shared(redis_url: str) -> None:
+def test_a_port_another_server_holds_is_not_shared(
+    hub_process: Callable[..., HubProcess], redis_url: str
+) -> None:
     # A listener with SO_REUSEPORT, as another `hub serve --workers` has: joining it would
     # split its clients with a stranger. The supervisor refuses instead.
     with socket.socket() as other:
@@ -285,7 +211,8 @@ def test_a_port_another_server_holds_is_not_shared(redis_url: str) -> None:
         other.bind(("127.0.0.1", 0))
         other.listen()
         port = other.getsockname()[1]
-        result = hub("serve", "--workers", "2", "--port", str(port), "--redis-url", redis_url)
-    assert result.returncode == 1
-    assert f"cannot bind 127.0.0.1:{port}" in result.stderr
-    assert "worker 0 started" not in result.stderr
+        result = hub_process(redis_url, workers=2, port=port, start=False)
+        code = result.run()
+    assert code == 1
+    assert f"cannot bind 127.0.0.1:{port}" in result.output()
+    assert "worker 0 started" not in result.output()
