@@ -26,13 +26,14 @@ serve: $(STAMP)
 test: $(STAMP) node_modules/.bin/buf
 	$(BIN)/python scripts/gen_protos.py --check
 	node_modules/.bin/buf lint
-	$(BIN)/ruff check hub harness tests loadtest scripts
+	$(BIN)/ruff check hub harness tests loadtest scripts examples
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 	@command -v redis-server >/dev/null || { echo "redis-server not found: the tests start \
 	their own Redis. Install it (Debian/Ubuntu: apt-get install redis-server) or put it on PATH."; exit 1; }
-	# One pytest process per test module, two at a time (see the script), then one summary line.
-	$(BIN)/python scripts/run_tests.py $(PYTEST_ARGS)
+	# Two worker processes, each running whole modules (its own event loop and Redis), with
+	# combined coverage and pytest's one summary line.
+	$(BIN)/python -m pytest -n 2 --dist loadfile --cov $(PYTEST_ARGS)
 
 ## Every performance figure beside its ceiling, in one run (writes bench-results/).
 bench: $(STAMP)
