@@ -1,9 +1,13 @@
-"""`hub` command line: it parses flags and calls one function; nothing else lives here.
+"""Run a hub server, manage its users and watch their changes live.
 
     hub serve [--host H] [--port P] [--redis-url URL] [--workers N]
     hub user create --email ada@example.com --name Ada
-    hub user import users.csv            # or .jsonl; streams through BulkCreateUsers
+    hub user import users.csv            # or .jsonl; streams through ImportUsers
     hub watch [--user ID ...]            # live changes, one JSON line each, resuming by itself
+    hub token --sub alice                # a development JWT
+
+This module parses flags and calls one function per command; the work is hub.rpc's (serve)
+and hub.client's (everything else). Failures are one line on stderr, `hub: ...`.
 """
 
 from __future__ import annotations
@@ -12,42 +16,103 @@ import argparse
 import asyncio
 import csv
 import getpass
+import importlib.metadata
+import io
 import json
 import os
+import signal
+import socket
 import sys
-from collections.abc import Iterator, Sequence
-from dataclasses import fields
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any, Final
 
 from google.protobuf import json_format
 
 from hub.logs import configure as configure_logging
 from hub.settings import Settings
 
-_STATUSES = {"active": 1, "inactive": 2}
+if TYPE_CHECKING:
+    from hub.api.user.v1.user_service_pb2 import CreateUserRequest
+    from hub.client import ClientError, Credentials, UserClient
+
+DEFAULT_TARGET: Final = "localhost:50051"
+_STATUSES: Final = {"active": 1, "inactive": 2}
 _PARSE = {"str": str, "int": int, "float": float}
+
+
+class CliError(Exception):
+    """A failure told as one line on stderr (`hub: <message>`); `code` is the exit status."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ImportFileError(CliError):
+    """The import file cannot be read (as a whole): what was not sent was not imported."""
+
+
+def version() -> str:
+    """The installed distribution's version; the source tree's when hub is not installed."""
+    try:
+        return importlib.metadata.version("hub")
+    except importlib.metadata.PackageNotFoundError:
+        from hub import __version__
+
+        return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "run", None):
-        parser.print_help()
+    _check_client_options(parser, args)
+    run: Callable[[argparse.Namespace], int] | None = getattr(args, "run", None)
+    if run is None:
+        usage: argparse.ArgumentParser = getattr(args, "usage_of", parser)
+        usage.print_help()
         return 2
     try:
-        result: int = args.run(args)
-    except ValueError as exc:  # bad settings from the environment
+        code = run(args)
+        sys.stdout.flush()  # here, not at exit: a reader gone away is seen below
+    except BrokenPipeError:
+        # `hub user list | head -1`: the reader has what it wanted. Python flushes stdout
+        # again at exit, so point it at devnull first (the recipe in the `signal` docs).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print("hub: interrupted", file=sys.stderr)
+        return 130
+    except CliError as exc:
+        print(f"hub: {exc}", file=sys.stderr)
+        return exc.code
+    except ValueError as exc:  # bad settings from the environment, an empty update
         print(f"hub: {exc}", file=sys.stderr)
         return 2
-    return result
+    return code
+
+
+# -- the parser -----------------------------------------------------------------------------
+
+_EPILOG = """\
+client options (--target, --token, --tls, --tls-ca, --tls-cert, --tls-key, --timeout) may
+come before or after the command: `hub user --token T list` and `hub user list --token T`
+are the same. `hub COMMAND --help` lists a command's flags.
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hub", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="hub", description=__doc__.splitlines()[0], epilog=_EPILOG,
+        parents=[_client_options(0, "all")],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(title="commands")
 
-    serve = commands.add_parser("serve", help="run a hub server")
+    serve = commands.add_parser("serve", help="run a hub server",
+                                description="Run a hub server until SIGTERM or Ctrl-C.")
     for setting in fields(Settings):
         env = f"HUB_{setting.name.upper()}"
         help_ = f"{setting.metadata['help']} ({env}, default {setting.default!r})"
@@ -59,63 +124,72 @@ def _parser() -> argparse.ArgumentParser:
                                metavar=str(setting.type).upper(), help=help_)
     serve.set_defaults(run=_serve)
 
-    user = commands.add_parser("user", help="manage users on a running hub")
-    user.add_argument("--target", default=os.environ.get("HUB_TARGET", "localhost:50051"),
-                      help="hub address (HUB_TARGET, default localhost:50051)")
-    user.add_argument("--timeout", type=float, default=5.0, help="deadline per call in seconds")
-    _credential_flags(user)
+    # The client options at every level, each level with dests of its own (merged by
+    # _client_args, the deepest level winning): a level's default would overwrite the value
+    # given at the level above it, so none has one (SUPPRESS).
+    user_options, leaf_options = _client_options(1), _client_options(2)
+    user = commands.add_parser("user", help="manage users on a running hub",
+                               description="Manage users on a running hub.",
+                               parents=[user_options])
+    user.set_defaults(usage_of=user)
     ops = user.add_subparsers(title="user commands")
 
-    create = ops.add_parser("create", help="create a user")
+    def user_command(name: str, help_: str, run: Callable[[argparse.Namespace], int]
+                     ) -> argparse.ArgumentParser:
+        command = ops.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".",
+                                 parents=[leaf_options])
+        command.set_defaults(run=run, client_command=True)
+        return command
+
+    create = user_command("create", "create a user", _user_create)
     create.add_argument("--email", required=True)
     create.add_argument("--name", default="")
-    create.add_argument("--status", choices=sorted(_STATUSES), default="active")
+    create.add_argument("--status", type=str.lower, choices=sorted(_STATUSES), default="active")
     create.add_argument("--password", action="store_true",
                         help="prompt for a password (read from stdin when not a terminal)")
-    create.set_defaults(run=_user_create)
 
-    get = ops.add_parser("get", help="show one user")
-    get.add_argument("user_id")
-    get.set_defaults(run=_user_get)
+    get = user_command("get", "show one user", _user_get)
+    get.add_argument("user_id", type=_user_id, metavar="ID")
 
-    update = ops.add_parser("update", help="change name, email or status")
-    update.add_argument("user_id")
+    update = user_command("update", "change name, email or status", _user_update)
+    update.add_argument("user_id", type=_user_id, metavar="ID")
     update.add_argument("--email")
     update.add_argument("--name")
-    update.add_argument("--status", choices=sorted(_STATUSES))
+    update.add_argument("--status", type=str.lower, choices=sorted(_STATUSES))
     update.add_argument("--expected-version", type=int,
                         help="apply only if the user is at this version")
-    update.set_defaults(run=_user_update)
 
-    delete = ops.add_parser("delete", help="delete a user")
-    delete.add_argument("user_id")
-    delete.add_argument("--expected-version", type=int)
-    delete.set_defaults(run=_user_delete)
+    delete = user_command("delete", "delete a user", _user_delete)
+    delete.add_argument("user_id", type=_user_id, metavar="ID")
+    delete.add_argument("--expected-version", type=int,
+                        help="delete only if the user is at this version")
 
-    list_ = ops.add_parser("list", help="print every user, one JSON object per line")
+    list_ = user_command("list", "print every user, one JSON object per line", _user_list)
     list_.add_argument("--page-size", type=int, default=100)
-    list_.add_argument("--after", default="", help="resume after this user id")
-    list_.set_defaults(run=_user_list)
+    list_.add_argument("--after", type=_user_id, default="", metavar="ID",
+                       help="resume after this user id")
 
-    imp = ops.add_parser("import", help="bulk-create users from a CSV or JSON-lines file")
+    imp = user_command("import", "bulk-create users from a CSV or JSON-lines file",
+                       _user_import)
     imp.add_argument("file", type=Path, help="CSV with a header (email,name[,password,status])"
-                     " or .jsonl/.ndjson with one object per line; - reads CSV from stdin")
-    imp.add_argument("--format", choices=("csv", "jsonl"), help="default: from the extension")
-    imp.set_defaults(run=_user_import)
+                     " or .jsonl/.ndjson with one object per line; - reads stdin")
+    imp.add_argument("--format", choices=("csv", "jsonl"),
+                     help="default: from the extension (stdin: csv)")
 
-    watch = commands.add_parser("watch", help="print live changes as JSON lines")
-    watch.add_argument("--target", action="append",
-                       help="hub address; repeat to fail over between instances"
-                            " (HUB_TARGET, default localhost:50051)")
-    watch.add_argument("--user", action="append", default=[], metavar="ID",
+    watch = commands.add_parser(
+        "watch", help="print live changes as JSON lines",
+        description="Print live changes as JSON lines, resuming by itself after failures. On"
+                    " Ctrl-C or SIGTERM it prints the token to resume from.",
+        parents=[_client_options(2, "watch")])
+    watch.add_argument("--user", type=_user_id, action="append", default=[], metavar="ID",
                        help="follow only this user (repeatable); default: all users")
     watch.add_argument("--snapshot", action="store_true",
                        help="first print every followed user's current state")
     watch.add_argument("--resume-token", default="", help="resume after this token")
-    _credential_flags(watch)
-    watch.set_defaults(run=_watch)
+    watch.set_defaults(run=_watch, client_command=True)
 
-    token = commands.add_parser("token", help="mint a development JWT (HS256)")
+    token = commands.add_parser("token", help="mint a development JWT (HS256)",
+                                description="Mint a development JWT (HS256).")
     token.add_argument("--secret", default=os.environ.get("HUB_JWT_SECRET", ""),
                        help="the server's --jwt-secret (HUB_JWT_SECRET)")
     token.add_argument("--sub", required=True, help="the principal")
@@ -128,23 +202,136 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _credential_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--token", default=os.environ.get("HUB_TOKEN", ""),
-                        help="bearer JWT (HUB_TOKEN); without TLS only to a loopback target")
-    parser.add_argument("--tls", action="store_true", help="TLS with the system's roots")
-    parser.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server certificate")
-    parser.add_argument("--tls-cert", type=Path, help="PEM client certificate (mTLS)")
-    parser.add_argument("--tls-key", type=Path, help="PEM key of --tls-cert")
+class _Version(argparse.Action):
+    """`--version`: `hub <version>`, looked up only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=default,
+                         help=help or "print hub's version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(f"hub {version()}")
+        parser.exit()
 
 
-def _credentials(args: argparse.Namespace) -> Any:
-    from hub.client import Credentials
+def _user_id(text: str) -> str:
+    """User ids are upper-case ULIDs; the command line takes them in any case."""
+    return text.strip().upper()
 
-    def read(path: Path | None) -> bytes | None:
-        return path.read_bytes() if path else None
 
-    return Credentials(token=args.token, tls=args.tls, tls_ca=read(args.tls_ca),
-                       tls_cert=read(args.tls_cert), tls_key=read(args.tls_key))
+# -- client options -------------------------------------------------------------------------
+
+_CLIENT_FLAGS: Final = ("target", "token", "tls", "tls_ca", "tls_cert", "tls_key", "timeout")
+
+
+def _client_options(level: int, scope: str = "user") -> argparse.ArgumentParser:
+    """The client options as a parent parser for one level of the command line (0: `hub`,
+    1: `hub user`, 2: the command itself), into dests `client<level>_<name>` of their own.
+    `scope`: the commands they are for, as their help says ("user", "watch" or "all")."""
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("client options (before or after the command)")
+
+    def add(name: str, help_: str, **kwargs: Any) -> None:
+        group.add_argument(f"--{name.replace('_', '-')}", dest=f"client{level}_{name}",
+                           default=argparse.SUPPRESS, help=help_, **kwargs)
+
+    failover = {"user": "", "watch": "; repeat it to fail over between instances",
+                "all": "; repeat it to let watch fail over between instances"}[scope]
+    add("target", f"hub address (HUB_TARGET, default {DEFAULT_TARGET}){failover}",
+        action="store" if scope == "user" else "append", metavar="HOST:PORT")
+    add("token", "bearer JWT (HUB_TOKEN); without TLS, sent only to a loopback target",
+        metavar="JWT")
+    add("tls", "TLS with the system's root certificates", action="store_true")
+    add("tls_ca", "PEM CA that signed the server certificate (implies TLS)", type=Path,
+        metavar="PEM")
+    add("tls_cert", "PEM client certificate (mTLS; implies TLS)", type=Path, metavar="PEM")
+    add("tls_key", "PEM key of --tls-cert", type=Path, metavar="PEM")
+    add("timeout", {
+        "user": "deadline per call in seconds (default 5)",
+        "watch": "deadline of each stream in seconds, after which it resumes (default 3600)",
+        "all": "deadline per call in seconds (default 5); for watch, of each stream, after"
+               " which it resumes (default 3600)"}[scope], type=float, metavar="SECONDS")
+    return options
+
+
+@dataclass(frozen=True)
+class ClientArgs:
+    """The client options as given at any level of the command line, with their defaults."""
+
+    targets: tuple[str, ...]
+    token: str
+    tls: bool
+    tls_ca: Path | None
+    tls_cert: Path | None
+    tls_key: Path | None
+    timeout: float | None  # None: the client's own default
+
+    @property
+    def target(self) -> str:
+        return self.targets[-1]  # a user command talks to one hub: the last one named
+
+    def credentials(self) -> Credentials:
+        from hub.client import Credentials
+
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise CliError("--tls-cert and --tls-key go together", 2)
+        return Credentials(token=self.token, tls=self.tls,
+                           tls_ca=_read_pem("--tls-ca", self.tls_ca),
+                           tls_cert=_read_pem("--tls-cert", self.tls_cert),
+                           tls_key=_read_pem("--tls-key", self.tls_key))
+
+
+def _client_given(args: argparse.Namespace) -> dict[str, list[Any]]:
+    """Each client option given, with its values from the outermost level to the innermost."""
+    given: dict[str, list[Any]] = {}
+    for level in range(3):
+        for name in _CLIENT_FLAGS:
+            key = f"client{level}_{name}"
+            if hasattr(args, key):
+                value = getattr(args, key)
+                given.setdefault(name, []).extend(value if isinstance(value, list) else [value])
+    return given
+
+
+def _client_args(args: argparse.Namespace) -> ClientArgs:
+    given = _client_given(args)
+
+    def last(name: str, default: Any) -> Any:
+        return given[name][-1] if name in given else default
+
+    return ClientArgs(
+        targets=tuple(given.get("target") or [os.environ.get("HUB_TARGET") or DEFAULT_TARGET]),
+        token=last("token", os.environ.get("HUB_TOKEN", "")), tls=last("tls", False),
+        tls_ca=last("tls_ca", None), tls_cert=last("tls_cert", None),
+        tls_key=last("tls_key", None), timeout=last("timeout", None))
+
+
+def _check_client_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`hub --token T serve` would ignore the token: refuse it instead."""
+    if getattr(args, "run", None) is None or getattr(args, "client_command", False):
+        return
+    for name in _client_given(args):
+        parser.error(f"--{name.replace('_', '-')} is an option of the user and watch commands")
+
+
+def _read_pem(flag: str, path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {flag} {path}: {_reason(exc)}") from None
+
+
+def _reason(exc: OSError) -> str:
+    """An OSError's reason as the rest of a sentence: `address already in use`."""
+    text = exc.strerror or str(exc)
+    return text[:1].lower() + text[1:]
+
+
+# -- token and serve ------------------------------------------------------------------------
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -167,172 +354,343 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from hub.rpc.server import StartupError
     from hub.rpc.supervisor import run
 
     settings = Settings.load({f.name: getattr(args, f.name) for f in fields(Settings)})
+    # Before anything is logged or started: a busy port is one line, not a traceback after
+    # the start-up log (gRPC's own bind failure is a RuntimeError, and C-core logs it first).
+    problem = bind_problem(settings.host, settings.port)
+    if problem is not None:
+        raise CliError(f"cannot bind {settings.address}: {problem}")
     configure_logging(settings.log_level, settings.log_format)
-    return run(settings)
+    try:
+        return run(settings)
+    except StartupError as exc:
+        raise CliError(f"cannot start: {exc}", 2) from None
+    except OSError as exc:  # a bind lost to a race since the check, a certificate file, ...
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise CliError(f"{where}{_reason(exc)}" if exc.strerror else str(exc)) from None
+
+
+def bind_problem(host: str, port: int) -> str | None:
+    """Why a server could not listen on host:port (`address already in use`), or None.
+
+    Binds as gRPC does (SO_REUSEADDR, no SO_REUSEPORT) every address `host` resolves to, and
+    like gRPC is content with any one of them."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return _reason(exc)
+    first: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                first = first or exc
+                continue
+        return None
+    return _reason(first) if first is not None else "the host resolves to no address"
 
 
 # -- user commands ------------------------------------------------------------------------
-
-
-def _client(args: argparse.Namespace) -> Any:
-    from hub.client import UserClient
-
-    return UserClient(args.target, timeout=args.timeout, credentials=_credentials(args))
 
 
 def _print_user(user: Any) -> None:
     print(json_format.MessageToJson(user, indent=None, preserving_proto_field_name=True))
 
 
-def _user_command(fn: Any) -> Any:
-    """Runs a user command and turns a typed client error into one line on stderr, exit 1."""
+def client_error_lines(exc: ClientError) -> list[str]:
+    """A failed call as stderr lines: `hub: CODE: details`, then one line per bad field.
+
+    The server's details of an INVALID_ARGUMENT are its violations joined with "; ", so
+    they are left out of the first line when the lines below say the same."""
+    violations = [f"{field}: {description}" for field, description in exc.violations]
+    details = exc.details
+    if violations:
+        rest = [] if details == "; ".join(violations) else [
+            part for part in details.split("; ") if part not in violations]
+        details = "; ".join(rest)
+    head = f"hub: {exc.code.name}" + (f": {details}" if details else "")
+    return [head, *(f"  {line}" for line in violations)]
+
+
+def _user_command(fn: Callable[[UserClient, argparse.Namespace], int | None]
+                  ) -> Callable[[argparse.Namespace], int]:
+    """Runs a user command and turns a typed client error into lines on stderr, exit 1."""
 
     def run(args: argparse.Namespace) -> int:
-        from hub.client import ClientError
+        from hub.client import ClientError, UserClient
 
+        client_args = _client_args(args)
+        # The client's own default deadline unless --timeout was given.
+        timeout: dict[str, Any] = ({} if client_args.timeout is None
+                                   else {"timeout": client_args.timeout})
         try:
-            with _client(args) as client:
-                fn(client, args)
+            with UserClient(client_args.target, credentials=client_args.credentials(),
+                            **timeout) as client:
+                return fn(client, args) or 0
         except ClientError as exc:
-            print(f"hub: {exc.code.name}: {exc.details}", file=sys.stderr)
-            for field, description in exc.violations:
-                print(f"  {field}: {description}", file=sys.stderr)
+            print("\n".join(client_error_lines(exc)), file=sys.stderr)
             return 1
-        except ImportFileError as exc:
-            print(f"hub: {exc}", file=sys.stderr)
-            return 1
-        return 0
 
     return run
 
 
 @_user_command
-def _user_create(client: Any, args: argparse.Namespace) -> None:
+def _user_create(client: UserClient, args: argparse.Namespace) -> None:
     password = ""
     if args.password:
         password = (getpass.getpass("password: ") if sys.stdin.isatty()
                     else sys.stdin.readline().rstrip("\n"))
-    _print_user(client.create_user(args.email, args.name, password, _STATUSES[args.status]))
+    _print_user(client.create_user(args.email, args.name, password,
+                                   _STATUSES[args.status]))  # type: ignore[arg-type]
 
 
 @_user_command
-def _user_get(client: Any, args: argparse.Namespace) -> None:
+def _user_get(client: UserClient, args: argparse.Namespace) -> None:
     _print_user(client.get_user(args.user_id))
 
 
 @_user_command
-def _user_update(client: Any, args: argparse.Namespace) -> None:
-    status = _STATUSES[args.status] if args.status else None
+def _user_update(client: UserClient, args: argparse.Namespace) -> None:
+    status: Any = _STATUSES[args.status] if args.status else None
     _print_user(client.update_user(args.user_id, email=args.email, name=args.name, status=status,
                                    expected_version=args.expected_version))
 
 
 @_user_command
-def _user_delete(client: Any, args: argparse.Namespace) -> None:
+def _user_delete(client: UserClient, args: argparse.Namespace) -> None:
     client.delete_user(args.user_id, expected_version=args.expected_version)
     print(f"deleted {args.user_id}")
 
 
 @_user_command
-def _user_list(client: Any, args: argparse.Namespace) -> None:
+def _user_list(client: UserClient, args: argparse.Namespace) -> None:
     for user in client.list_users(page_size=args.page_size, page_token=args.after):
         _print_user(user)
 
 
-class ImportFileError(Exception):
-    """The import file cannot be read: nothing was imported."""
+# -- user import ----------------------------------------------------------------------------
 
 
-def _format_of(path: Path, fmt: str | None) -> str:
-    return fmt or ("jsonl" if path.suffix in (".jsonl", ".ndjson", ".json") else "csv")
+@dataclass(frozen=True)
+class Refused:
+    """A row that was not created: its 0-based index among the file's rows (as the API's
+    BulkCreateError.index), the field to blame (or "") and why."""
+
+    index: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"row {self.index}{f' ({self.field})' if self.field else ''}: {self.message}"
 
 
-def check_import_file(path: Path, fmt: str | None = None) -> None:
-    """Reads a JSON-lines file once before anything is sent: a broken line refuses the whole
-    file rather than leaving it half imported. (CSV has no such failure; stdin can't be
-    read twice.)"""
-    if str(path) == "-":
-        return
-    if not path.is_file():
-        raise ImportFileError(f"cannot read {path}: no such file")
-    if _format_of(path, fmt) != "jsonl":
-        return
-    with path.open() as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ImportFileError(f"{path} line {number}: not valid JSON ({exc.msg})") \
-                    from None
-            if not isinstance(row, dict):
-                raise ImportFileError(f"{path} line {number}: not a JSON object")
+class ImportFile:
+    """The rows of an import file: CSV with a header, or JSON lines (blank lines are no rows).
+
+    A row is a dict, or for JSON lines the reason its line is not an object (a broken line
+    is one refused row, not a refused file). An unreadable file, or CSV that cannot be
+    parsed, raises ImportFileError."""
+
+    def __init__(self, path: Path, fmt: str | None = None) -> None:
+        self.path = path
+        self.stdin = str(path) == "-"
+        self.format = fmt or ("jsonl" if path.suffix in (".jsonl", ".ndjson", ".json")
+                              else "csv")
+        self.name = "stdin" if self.stdin else str(path)
+
+    def count(self) -> int | None:
+        """Its rows, read once through (None for stdin, which cannot be read twice): CSV the
+        parser cannot read is refused here, before any row is sent."""
+        return None if self.stdin else sum(1 for _ in self.rows())
+
+    def rows(self) -> Iterator[dict[str, Any] | str]:
+        if self.stdin:
+            yield from self._parse(sys.stdin.buffer)
+            return
+        try:
+            f = self.path.open("rb")
+        except OSError as exc:
+            raise ImportFileError(f"cannot read {self.path}: {_reason(exc)}") from None
+        with f:
+            yield from self._parse(f)
+
+    def _parse(self, f: IO[bytes]) -> Iterator[dict[str, Any] | str]:
+        if self.format == "jsonl":
+            yield from _json_lines(f)
+            return
+        text = io.TextIOWrapper(f, encoding="utf-8-sig", newline="")
+        reader = csv.DictReader(text)
+        try:
+            if reader.fieldnames is None:
+                return  # empty: no rows
+            reader.fieldnames = [name.strip().lower() for name in reader.fieldnames]
+            if "email" not in reader.fieldnames:
+                raise ImportFileError(f"{self.name}: the CSV header has no email column"
+                                      f" (it has: {', '.join(reader.fieldnames)})")
+            yield from reader
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise ImportFileError(f"{self.name} line {reader.line_num}: {exc}") from None
+        finally:
+            text.detach()  # `f` is its opener's to close
 
 
-def read_rows(path: Path, fmt: str | None = None) -> Iterator[dict[str, Any]]:
-    """Rows of an import file as dicts; CSV needs a header naming its columns."""
-    with (sys.stdin if str(path) == "-" else path.open(newline="")) as f:
-        if _format_of(path, fmt) == "csv":
-            yield from csv.DictReader(f)
-        else:
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)
+def _json_lines(f: IO[bytes]) -> Iterator[dict[str, Any] | str]:
+    for number, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8-sig"))
+        except UnicodeDecodeError:
+            yield f"line {number}: not UTF-8 text"
+            continue
+        except json.JSONDecodeError as exc:
+            yield f"line {number}: not valid JSON ({exc.msg})"
+            continue
+        if not isinstance(row, dict):
+            yield f"line {number}: not a JSON object"
+            continue
+        yield row
+
+
+def request_of(row: Mapping[str, Any]) -> CreateUserRequest | Refused:
+    """The CreateUserRequest of one row, or why it cannot be sent (index -1: the caller's)."""
+    from hub.api.user.v1.user_service_pb2 import CreateUserRequest
+
+    values: dict[str, str] = {}
+    for key in ("email", "name", "password", "status"):
+        value = row.get(key)
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            return Refused(-1, key, f"{key}: must be a string, not {json.dumps(value)}")
+        values[key] = value
+    status = values["status"].strip().lower() or "active"
+    if status not in _STATUSES:
+        return Refused(-1, "status", f'status: unknown "{values["status"]}"; allowed:'
+                       f" {', '.join(_STATUSES)}")
+    return CreateUserRequest(email=values["email"], name=values["name"],
+                             password=values["password"],
+                             status=_STATUSES[status])  # type: ignore[arg-type]
+
+
+def file_row(sent: Sequence[int], index: int) -> int:
+    """The file row of the server's `index`-th row (it counts only the rows sent to it)."""
+    if 0 <= index < len(sent):
+        return sent[index]
+    # Past the rows sent (a refusal that ended the stream): as many rows on from the last.
+    return (sent[-1] if sent else -1) + 1 + index - len(sent)
 
 
 @_user_command
-def _user_import(client: Any, args: argparse.Namespace) -> None:
+def _user_import(client: UserClient, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from hub.api.user.v1.user_service_pb2 import CreateUserRequest
+    source = ImportFile(args.file, args.format)
+    total = source.count()
+    sent: list[int] = []  # the file row of each row sent, in order
+    refused: list[Refused] = []  # rows refused here, never sent
 
-    def requests() -> Iterator[CreateUserRequest]:
-        for row in tqdm(read_rows(args.file, args.format), unit=" rows", file=sys.stderr):
-            status = str(row.get("status") or "active").lower()
-            yield CreateUserRequest(
-                email=str(row.get("email") or ""), name=str(row.get("name") or ""),
-                password=str(row.get("password") or ""),
-                status=_STATUSES.get(status, -1),  # type: ignore[arg-type]
-            )
+    def requests(bar: tqdm[Any]) -> Iterator[CreateUserRequest]:
+        for index, row in enumerate(source.rows()):
+            bar.update()
+            outcome = Refused(-1, "", row) if isinstance(row, str) else request_of(row)
+            if isinstance(outcome, Refused):
+                refused.append(Refused(index, outcome.field, outcome.message))
+                continue
+            sent.append(index)
+            yield outcome
 
-    check_import_file(args.file, args.format)
-    response = client.bulk_create(requests())
-    for err in response.errors:
-        where = f" ({err.field})" if err.field else ""
-        print(f"row {err.index + 1}{where}: {err.message}", file=sys.stderr)
-    print(f"created {response.created_count}, refused {len(response.errors)}")
+    bar = tqdm(total=total, unit=" rows", file=sys.stderr)
+    try:
+        response = client.import_users(requests(bar))
+    except ImportFileError as exc:  # stdin: CSV that broke halfway (a file was read first)
+        raise ImportFileError(f"{exc}; the import stopped there (rows before it may have been"
+                              " created)") from None
+    finally:
+        bar.close()
+    refused += [Refused(file_row(sent, err.index), err.field, err.message)
+                for err in response.errors]
+    for row in sorted(refused, key=lambda r: r.index):
+        print(row, file=sys.stderr)
+    unread = len(sent) - response.created_count - len(response.errors)
+    if unread > 0:
+        print(f"hub: the hub stopped reading early: {unread} rows sent were neither created"
+              " nor refused", file=sys.stderr)
+    print(f"created {response.created_count}, refused {len(refused)}")
+    return 1 if refused or unread > 0 else 0
+
+
+# -- watch ----------------------------------------------------------------------------------
 
 
 def _watch(args: argparse.Namespace) -> int:
-    from hub.client import ClientError, ContinuityLost, SyncFeed
+    # Until the event loop takes SIGTERM over, it stops the watch as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    token = args.resume_token
+    try:
+        from hub.client import ClientError, ContinuityLost, SyncFeed
 
-    targets = args.target or [os.environ.get("HUB_TARGET", "localhost:50051")]
-    feed = SyncFeed(targets, args.user, resume_token=args.resume_token, snapshot=args.snapshot,
-                    credentials=_credentials(args))
+        client_args = _client_args(args)
+        stream: dict[str, Any] = ({} if client_args.timeout is None
+                                  else {"stream_timeout": client_args.timeout})
+        feed = SyncFeed(client_args.targets, args.user, resume_token=args.resume_token,
+                        snapshot=args.snapshot, credentials=client_args.credentials(), **stream)
 
-    async def run() -> None:
+        async def follow() -> None:
+            async for item in feed:
+                if isinstance(item, ContinuityLost):
+                    print(f"hub: continuity lost ({item.reason}): {item.message}; a snapshot"
+                          " follows", file=sys.stderr)
+                    continue
+                for event in item.events:
+                    print(json_format.MessageToJson(event, indent=None,
+                                                    preserving_proto_field_name=True),
+                          flush=True)
+
+        try:
+            stopped = asyncio.run(_until_signal(feed, follow))
+        finally:
+            token = feed.resume_token
+    except KeyboardInterrupt:  # first: ClientError is not imported yet if it came early
+        stopped = True
+    except ClientError as exc:
+        print("\n".join(client_error_lines(exc)), file=sys.stderr)
+        return 1
+    if stopped:
+        if token:
+            print(f"hub: stopped; resume with --resume-token {token}", file=sys.stderr)
+        else:
+            print("hub: stopped before any response; no resume token yet", file=sys.stderr)
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+async def _until_signal(feed: Any, follow: Callable[[], Any]) -> bool:
+    """Runs `follow()` inside `feed` until it ends (False) or SIGINT/SIGTERM cancels it (True)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    signalled = False
+
+    def stop() -> None:
+        nonlocal signalled
+        signalled = True
+        task.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop)
+    try:
         async with feed:
             await follow()
-
-    async def follow() -> None:
-        async for item in feed:
-            if isinstance(item, ContinuityLost):
-                print(f"hub: continuity lost ({item.reason}): {item.message}; a snapshot"
-                      " follows", file=sys.stderr)
-                continue
-            for event in item.events:
-                print(json_format.MessageToJson(event, indent=None,
-                                                preserving_proto_field_name=True), flush=True)
-
-    try:
-        asyncio.run(run())
-    except ClientError as exc:
-        print(f"hub: {exc.code.name}: {exc.details}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"hub: stopped; resume with --resume-token {feed.resume_token}", file=sys.stderr)
-    return 0
+    except asyncio.CancelledError:
+        if not signalled:
+            raise
+    return signalled
