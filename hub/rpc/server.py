@@ -171,12 +171,16 @@ class HubServer:
 
     async def start(self) -> int:
         credentials = server_credentials(self.settings)
-        if credentials is None:
-            self.port = self._server.add_insecure_port(self.settings.address)
-        else:
-            self.port = self._server.add_secure_port(self.settings.address, credentials)
+        try:
+            if credentials is None:
+                self.port = self._server.add_insecure_port(self.settings.address)
+            else:
+                self.port = self._server.add_secure_port(self.settings.address, credentials)
+        except RuntimeError:  # grpc's "Failed to bind to address ...": it says no more
+            self.port = 0
         if not self.port:
-            raise OSError(f"cannot bind {self.settings.address}")
+            raise StartupError(f"cannot bind {self.settings.address}: in use, or not an address"
+                               " of this machine")
         await self._check_store()
         await self._set_ready(await self._store_ok())
         self._tasks = [
