@@ -26,7 +26,7 @@ serve: $(STAMP)
 test: $(STAMP) node_modules/.bin/buf
 	$(BIN)/python scripts/gen_protos.py --check
 	node_modules/.bin/buf lint
-	$(BIN)/ruff check hub harness tests loadtest scripts examples
+	$(BIN)/ruff check hub harness tests loadtest scripts examples deploy
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 	@command -v redis-server >/dev/null || { echo "redis-server not found: the tests start \

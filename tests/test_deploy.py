@@ -460,6 +460,11 @@ def _rules() -> list[dict[str, Any]]:
 
 
 def test_alert_rules_pass_promtool() -> None:
+    # promtool comes from Debian's prometheus package (about 96 MB), which `make test` does
+    # not install for you: the rules' PromQL is still parsed and checked against hub's
+    # metrics by the tests below when it is missing.
+    if not shutil.which("promtool"):
+        pytest.skip("promtool not installed (Debian/Ubuntu: apt-get install prometheus)")
     promtool = _tool("promtool", "apt-get install prometheus (Debian's package has promtool)")
     checked = _run([promtool, "check", "rules", str(ALERTS)])
     assert checked.returncode == 0, checked.stdout + checked.stderr
