@@ -66,7 +66,7 @@ def _wrap(method: str, handler: Any, sample: float, enabled: bool) -> Handler:
     requests = metrics.RPCS
     seconds_metric = metrics.RPC_SECONDS.labels(method)
 
-    def done(context: Context, started: float, exc: BaseException | None) -> None:
+    def done(context: Context, started: float, peer: str, exc: BaseException | None) -> None:
         code = _outcome(context, exc)
         seconds = time.perf_counter() - started
         requests.labels(method, code.name).inc()
@@ -79,30 +79,34 @@ def _wrap(method: str, handler: Any, sample: float, enabled: bool) -> Handler:
         if code is not grpc.StatusCode.OK or sample >= 1 or (sample and random() < sample):
             ms = round(seconds * 1000, 3)
             principal = caller().subject
-            peer = context.peer()
             log.log(level, "%s %s %.1fms %s %s", method, code.name, ms, principal, peer,
                     extra={"method": method, "code": code.name, "duration_ms": ms,
                            "principal": principal, "peer": peer})
 
-    return rewrap(handler, lambda _, context: _Timed(context, done))
+    return rewrap(handler, lambda _, context: _Timed(context, done, enabled))
 
 
 class _Timed:
-    """Times one call, however it ends, and reports it to `done`."""
+    """Times one call, however it ends, and reports it to `done`. The peer is read as the
+    call starts: grpc's context.peer() after a cancelled call has ended crashed the process
+    (a segfault in tests/test_service.py's client-goes-away test)."""
 
-    __slots__ = ("_context", "_done", "_started")
+    __slots__ = ("_context", "_done", "_logged", "_peer", "_started")
 
     def __init__(self, context: Context,
-                 done: Callable[[Context, float, BaseException | None], None]) -> None:
-        self._context, self._done = context, done
+                 done: Callable[[Context, float, str, BaseException | None], None],
+                 logged: bool) -> None:
+        self._context, self._done, self._logged = context, done, logged
+        self._peer = ""
         self._started = time.perf_counter()
 
     async def __aenter__(self) -> None:
-        return None
+        if self._logged:
+            self._peer = self._context.peer()
 
     async def __aexit__(self, et: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        self._done(self._context, self._started, exc)
+        self._done(self._context, self._started, self._peer, exc)
 
 
 _SERVER_FAULTS = {
