@@ -57,7 +57,7 @@ class ImportFileError(CliError):
 def version() -> str:
     """The installed distribution's version; the source tree's when hub is not installed."""
     try:
-        return importlib.metadata.version("hub")
+        return importlib.metadata.version("hub-userfeed")
     except importlib.metadata.PackageNotFoundError:
         from hub import __version__
 

@@ -30,7 +30,7 @@ for _collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
     REGISTRY.register(_collector)
 
 try:
-    _VERSION = importlib.metadata.version("hub")
+    _VERSION = importlib.metadata.version("hub-userfeed")
 except importlib.metadata.PackageNotFoundError:  # run from a checkout without installing
     _VERSION = "unknown"
 BUILD = Info("hub_build", "hub's version", registry=REGISTRY)

@@ -8,13 +8,16 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
+import anyio
 import grpc
 import pytest
 import redis
 
 from harness.hub import HubProcess
 from harness.redis import REDIS_SERVER, RedisProcess, free_port
-from hub.api.user.v1 import user_service_pb2_grpc
+from hub.api.user.v1 import common_pb2, user_service_pb2_grpc
+from hub.api.user.v1 import user_service_pb2 as pb
+from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
 from hub.rpc.server import HubServer
 from hub.settings import Settings
 from hub.store.base import Store
@@ -129,3 +132,19 @@ def hub_process(tmp_path: Path) -> Iterator[Callable[..., HubProcess]]:
     yield make
     for hub in made:
         hub.kill()
+
+
+async def create_retrying(stub: UserServiceStub, email: str, within: float = 10
+                          ) -> common_pb2.User:
+    """CreateUser, repeated while it fails UNAVAILABLE: the first write after Redis came back
+    may meet a pooled connection Redis closed when it went down, and fails UNAVAILABLE (never
+    silently); a write is never repeated by hub itself, so the caller's retry goes through."""
+    with anyio.fail_after(within):
+        while True:
+            try:
+                return await stub.CreateUser(pb.CreateUserRequest(email=email),
+                                             timeout=min(5.0, within / 2))
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+            await anyio.sleep(0.1)

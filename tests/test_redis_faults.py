@@ -35,6 +35,7 @@ from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1 import user_sync_service_pb2 as spb
 from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
 from hub.api.user.v1.user_sync_service_pb2_grpc import UserSyncServiceStub
+from tests.conftest import create_retrying
 
 pytestmark = pytest.mark.anyio
 FAST = {"HUB_HEARTBEAT_INTERVAL": "0.2"}
@@ -136,18 +137,6 @@ async def collect_creates(call: grpc.aio.StreamStreamCall, want: set[str], withi
     return got, "open"
 
 
-async def create_retrying(stub: UserServiceStub, email: str, within: float = 10
-                          ) -> common_pb2.User:
-    """CreateUser, repeated while it fails UNAVAILABLE (the first write after Redis came back
-    may meet a pooled connection Redis closed; a write is never repeated by hub itself)."""
-    with anyio.fail_after(within):
-        while True:
-            try:
-                return await stub.CreateUser(pb.CreateUserRequest(email=email), timeout=5)
-            except grpc.aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-            await anyio.sleep(0.1)
 
 
 async def create_users(stub: UserServiceStub, tag: str, count: int) -> list[str]:

@@ -31,6 +31,7 @@ from hub.api.user.v1 import common_pb2
 from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
 from hub.client import ContinuityLost, SyncBatch, SyncFeed
+from tests.conftest import create_retrying
 
 pytestmark = pytest.mark.anyio
 FAST = {"HUB_HEARTBEAT_INTERVAL": "0.2"}
@@ -89,17 +90,6 @@ def sentinels(tmp_path: Path) -> Iterator[Sentinels]:
         primary.kill()
 
 
-async def create_retrying(stub: UserServiceStub, email: str, within: float
-                          ) -> common_pb2.User:
-    """CreateUser, repeated while it fails UNAVAILABLE (e.g. during a failover)."""
-    with anyio.fail_after(within):
-        while True:
-            try:
-                return await stub.CreateUser(pb.CreateUserRequest(email=email), timeout=3)
-            except grpc.aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-            await anyio.sleep(0.1)
 
 
 def promoted_port(sentinels: Sentinels) -> int | None:

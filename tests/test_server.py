@@ -15,12 +15,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from harness.hub import HubProcess
 from harness.redis import RedisProcess, free_port
-from hub.api.user.v1 import common_pb2
 from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
 from hub.rpc.server import SYNC_SERVICE, USER_SERVICE, HubServer
 from hub.settings import Settings
 from hub.store.redis import RedisStore
+from tests.conftest import create_retrying
 
 pytestmark = pytest.mark.anyio
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -39,17 +39,6 @@ async def wait_health(channel: grpc.aio.Channel, want: int, timeout: float = 10)
             await anyio.sleep(0.05)
 
 
-async def create_after_restart(stub: UserServiceStub, email: str) -> common_pb2.User:
-    """The first write after Redis came back may meet a pooled connection Redis closed when
-    it went down: that write fails UNAVAILABLE (never silently), and the next one works."""
-    with anyio.fail_after(10):
-        while True:
-            try:
-                return await stub.CreateUser(pb.CreateUserRequest(email=email), timeout=5)
-            except grpc.aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-            await anyio.sleep(0.05)
 
 
 async def test_readiness_follows_redis_and_writes_fail_unavailable(tmp_path: Path) -> None:
@@ -79,7 +68,7 @@ async def test_readiness_follows_redis_and_writes_fail_unavailable(tmp_path: Pat
 
             redis_proc.start()  # same port; hub reconnects by itself
             await wait_health(channel, SERVING)
-            user = await create_after_restart(stub, "after@example.com")
+            user = await create_retrying(stub, "after@example.com")
             got = await stub.GetUser(pb.GetUserRequest(user_id=user.id), timeout=5)
             assert got.email == "after@example.com"
     finally:
@@ -181,7 +170,7 @@ async def test_redis_restart_loses_nothing_acknowledged(tmp_path: Path) -> None:
             assert refused == 5
             redis_proc.start()
             await wait_health(channel, SERVING)
-            user = await create_after_restart(stub, "after@example.com")
+            user = await create_retrying(stub, "after@example.com")
             acknowledged.append(user.id)
             listed = [u.id async for u in stub.ListUsers(pb.ListUsersRequest(), timeout=10)]
             assert listed == acknowledged

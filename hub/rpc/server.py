@@ -79,7 +79,7 @@ def tracing_interceptor(settings: Settings) -> grpc.aio.ServerInterceptor | None
         from opentelemetry.sdk.trace import TracerProvider
     except ImportError:
         raise StartupError("--otlp-endpoint needs the tracing extra: pip install"
-                           " 'hub[tracing]'") from None
+                           " 'hub-userfeed[tracing]'") from None
     if not isinstance(trace.get_tracer_provider(), TracerProvider):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
