@@ -380,8 +380,12 @@ async def test_reflection_needs_no_token() -> None:
 
 async def test_reflection_off_is_unimplemented() -> None:
     async with serving(reflection=False) as hub:
+        # Nothing is written first: a request the client is still sending when the server
+        # refuses the call can surface as the client's own INTERNAL ("execute_batch").
+        call = reflection_pb2_grpc.ServerReflectionStub(hub.channel).ServerReflectionInfo(
+            timeout=5)
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await list_services(hub.channel)
+            await call.read()
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

@@ -252,7 +252,7 @@ def test_user_without_a_subcommand_exits_2() -> None:
 def test_version_names_the_installed_distribution() -> None:
     result = hub("--version")
     assert result.returncode == 0
-    assert result.stdout == f"hub {importlib.metadata.version('hub')}\n"
+    assert result.stdout == f"hub {importlib.metadata.version('hub-userfeed')}\n"
 
 
 def test_help_describes_the_tool() -> None:
