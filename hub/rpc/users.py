@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import empty_pb2
@@ -35,8 +35,6 @@ from hub.validation import (
 
 log = logging.getLogger(__name__)
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 DEFAULT_PAGE_SIZE = 100

@@ -142,16 +142,16 @@ async def _read_again(read: Callable[[], Awaitable[_T]]) -> _T:
         return await read()
 
 
-# Redis refusals that mean "not now", by the first word of the error: hub answers UNAVAILABLE.
+# Redis refusals that mean "not now", by the first word of the error: hub answers UNAVAILABLE
+# with "the user store (WHERE) ..." and one of these.
 _NOT_NOW = {
-    "BUSY": "the user store is busy running a script",
-    "LOADING": "the user store is loading its data",
-    "MASTERDOWN": "the user store's link to its primary is down",
-    "NOREPLICAS": "the user store has too few replicas to accept writes"
-                  " (min-replicas-to-write)",
-    "TRYAGAIN": "the user store asked to try again",
-    "CLUSTERDOWN": "the user store's cluster is down",
-    "NOPERM": "hub's Redis user lacks a permission it needs (check the ACL)",
+    "BUSY": "is busy running a script",
+    "LOADING": "is loading its data",
+    "MASTERDOWN": "has lost its link to its primary",
+    "NOREPLICAS": "has too few replicas to accept writes (min-replicas-to-write)",
+    "TRYAGAIN": "asked to try again",
+    "CLUSTERDOWN": "reports its cluster down",
+    "NOPERM": "refused a command: hub's Redis user lacks a permission it needs (check the ACL)",
 }
 
 
@@ -178,9 +178,8 @@ def _unavailable(write: bool = False, where: str = "") -> Iterator[None]:
         if word not in _NOT_NOW and not isinstance(exc, redis_errors.NoPermissionError):
             raise
         metrics.STORE_ERRORS.inc()
-        raise StoreUnavailable(
-            _NOT_NOW.get(word, _NOT_NOW["NOPERM"]).replace("the user store", store, 1) + nothing
-        ) from exc
+        why = _NOT_NOW.get(word, _NOT_NOW["NOPERM"])
+        raise StoreUnavailable(f"{store} {why}{nothing}") from exc
     except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
         metrics.STORE_ERRORS.inc()
         if isinstance(exc, redis_errors.AuthenticationError):
@@ -188,8 +187,7 @@ def _unavailable(write: bool = False, where: str = "") -> Iterator[None]:
                 f"{store} refused hub's credentials (check the Redis URL's user and"
                 " password)" + nothing) from exc
         if isinstance(exc, redis_errors.BusyLoadingError):
-            raise StoreUnavailable(
-                _NOT_NOW["LOADING"].replace("the user store", store, 1) + nothing) from exc
+            raise StoreUnavailable(f"{store} {_NOT_NOW['LOADING']}{nothing}") from exc
         if isinstance(exc, redis_errors.TimeoutError):
             raise StoreUnavailable(
                 f"{store} did not answer in time"
