@@ -6,6 +6,8 @@ Keys (prefix `hub` by default):
     {prefix}:ids         zset  every id, score 0, so ZRANGE BYLEX pages in id (= creation) order
     {prefix}:offsets     hash  partition -> last offset
     {prefix}:heads       hash  partition -> the tag (random, one per write call) of its last write
+    {prefix}:config      hash  partitions: the count the keyspace was made with (a hub with
+                         another count is refused at start-up)
     {prefix}:epoch       string, set at start-up or by the first write; a new one whenever the
                          history is found replaced (Redis came back empty or with older data)
     {prefix}:log:{p}     stream of partition p's events, entry id `{offset}-0`, fields e=event,
@@ -56,6 +58,7 @@ from hub.errors import (
     AlreadyExists,
     Contention,
     HubError,
+    KeyspaceMismatch,
     NotFound,
     StoreFull,
     StoreUnavailable,
@@ -197,6 +200,12 @@ def _unavailable(write: bool = False, where: str = "") -> Iterator[None]:
             + ("; the write's outcome is unknown if it was sent" if write else "")) from exc
 
 
+def keyspace_mismatch(prefix: str, made: int, partitions: int) -> str:
+    return (f"the Redis keyspace (prefix {prefix!r}) was made with {made} partitions, this hub"
+            f" runs with {partitions}: every user's partition and every resume token depend"
+            f" on the count; start hub with --partitions {made}, or use an empty Redis")
+
+
 def _cause(exc: BaseException) -> str:
     """What failed, in redis-py's words (they name the address, never the password)."""
     text = str(exc).strip() or type(exc).__name__
@@ -204,10 +213,29 @@ def _cause(exc: BaseException) -> str:
 
 
 def _sentinel_pool_class() -> type[SentinelConnectionPool]:
-    """SentinelConnectionPool that waits for a free connection like BlockingConnectionPool."""
+    """SentinelConnectionPool that waits for a free connection like BlockingConnectionPool,
+    and never hands out a connection to a primary Sentinel has replaced. redis-py drops only
+    the idle connections when the primary moves: one busy at that moment went back to the
+    pool still connected to the old primary, which can go on answering as one for a while,
+    and the next command on it read and wrote a history the new primary does not have (seen
+    in the chaos run: two instances starting new epochs on two different nodes)."""
 
     class Pool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
-        pass
+        def _stale(self, connection: Any) -> bool:
+            # Not redis-py's owns_connection: its asyncio version calls a method the base
+            # pool does not have.
+            return (self.master_address is not None and connection.is_connected
+                    and (connection.host, connection.port) != self.master_address)
+
+        async def ensure_connection(self, connection: Any) -> None:
+            if self._stale(connection):
+                await connection.disconnect()
+            await super().ensure_connection(connection)
+
+        async def release(self, connection: Any) -> None:
+            if self._stale(connection):
+                await connection.disconnect()
+            await super().release(connection)
 
     return Pool
 
@@ -267,6 +295,7 @@ class RedisStore:
         self._emails, self._ids = f"{prefix}:emails", f"{prefix}:ids"
         self._offsets, self._epoch = f"{prefix}:offsets", f"{prefix}:epoch"
         self._heads_key = f"{prefix}:heads"
+        self._config = f"{prefix}:config"
         self._replicas_ack, self._ack_timeout_ms = replicas_ack, int(replicas_ack_timeout * 1000)
         # What this process has seen of the history: its epoch, and per partition the last
         # offset and the tag of the write that made it. Writes refuse to land behind it.
@@ -403,6 +432,10 @@ class RedisStore:
         """Gives a new (or emptied) Redis its epoch at start-up, so the first subscribers and
         tokens have one before any write; later, writes create it if it goes missing."""
         with self._failing(write=True):
+            await self._r.hsetnx(self._config, "partitions", self.partitions)
+            made = int(await self._r.hget(self._config, "partitions"))
+            if made != self.partitions:
+                raise KeyspaceMismatch(keyspace_mismatch(self._p, made, self.partitions))
             await self._r.set(self._epoch, secrets.token_hex(4), nx=True)
 
     async def rotate_epoch(self, seen: str) -> str:
