@@ -90,6 +90,11 @@ class ShuttingDown(StoreUnavailable):
                          " with the resume token (trailing hub-resume-token)")
 
 
+class KeyspaceMismatch(HubError):
+    """The Redis keyspace was made by a hub configured otherwise (its partition count): a
+    start-up refusal, never a call's."""
+
+
 class StoreFull(HubError):
     """Redis refused a write for want of memory (maxmemory with noeviction)."""
 

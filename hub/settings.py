@@ -36,10 +36,11 @@ class Settings:
     host: str = _setting("127.0.0.1", "address to bind")
     port: int = _setting(50051, "port to bind (0: any free port)")
     redis_url: str = _setting(
-        "", "redis://[user:password@]host:port/db, rediss:// for TLS, or"
+        "", "redis://[user:password@]host:port/db, rediss:// for TLS,"
         " redis+sentinel://[:password@]host:port[,host:port...]/MASTER_NAME (rediss+sentinel://"
-        " for TLS); empty: the embedded in-memory store (one instance, nothing survives a"
-        " restart)")
+        " for TLS), or redis+cluster://[user:password@]host:port[,host:port...] for Redis"
+        " Cluster (rediss+cluster:// for TLS); empty: the embedded in-memory store (one"
+        " instance, nothing survives a restart)")
     redis_replicas_ack: int = _setting(
         0, "acknowledge a write only after WAIT confirms this many replicas have it"
         " (0: as soon as the primary has it); unconfirmed writes fail UNAVAILABLE, outcome"
@@ -50,8 +51,9 @@ class Settings:
         False, "run even if Redis's maxmemory-policy may evict keys (hub's users, indexes and"
         " history would vanish silently; use noeviction)")
     partitions: int = _setting(
-        16, "event partitions; a user's events share one, so each is ordered per user."
-        " Every instance on one Redis must use the same count")
+        0, "event partitions; a user's events share one, so each is ordered per user."
+        " Every instance on one keyspace must use the same count (hub refuses to start"
+        " otherwise). 0: 16, or 128 on a redis+cluster:// URL (spread over the masters)")
     redis_pool_size: int = _setting(
         64, "Redis connections per process; store calls beyond it wait for a free one")
     history_size: int = _setting(10_000, "events kept per partition for resuming subscribers")
@@ -144,7 +146,9 @@ class Settings:
         if self.metrics_port and self.metrics_port + self.worker_count - 1 > 65535:
             raise ValueError(f"metrics ports {self.metrics_port}.."
                              f"{self.metrics_port + self.worker_count - 1} exceed 65535")
-        positive = ("partitions", "redis_pool_size", "history_size", "history_max_age",
+        if self.partitions < 0:
+            raise ValueError(f"partitions must be 0 (the default) or more, not {self.partitions}")
+        positive = ("redis_pool_size", "history_size", "history_max_age",
                     "max_message_bytes",
                     "password_hash_concurrency", "bulk_batch_size", "heartbeat_interval",
                     "subscriber_max_events", "subscriber_max_bytes", "max_subscription_users",
@@ -171,6 +175,16 @@ class Settings:
             raise ValueError(
                 f"refusing to serve {self.host} without authentication: configure"
                 " --jwt-secret or --jwt-public-key, or pass --insecure")
+
+    @property
+    def cluster(self) -> bool:
+        return self.redis_url.startswith(("redis+cluster://", "rediss+cluster://"))
+
+    @property
+    def partition_count(self) -> int:
+        """`partitions`, or for 0 what suits the store: a cluster spreads them over its
+        masters, so it wants many; one node wants few (each costs a pub/sub channel)."""
+        return self.partitions or (128 if self.cluster else 16)
 
     @property
     def worker_count(self) -> int:

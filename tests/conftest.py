@@ -14,13 +14,14 @@ import pytest
 import redis
 
 from harness.hub import HubProcess
-from harness.redis import REDIS_SERVER, RedisProcess, free_port
+from harness.redis import REDIS_SERVER, ClusterProcess, RedisProcess, free_port
 from hub.api.user.v1 import common_pb2, user_service_pb2_grpc
 from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1.user_service_pb2_grpc import UserServiceStub
 from hub.rpc.server import HubServer
 from hub.settings import Settings
 from hub.store.base import Store
+from hub.store.cluster import ClusterStore
 from hub.store.memory import MemoryStore
 from hub.store.redis import RedisStore
 
@@ -81,15 +82,38 @@ def redis_url(redis_server: RedisProcess) -> str:
     return redis_server.url
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterProcess]:
+    """A Redis Cluster of 3 masters with a replica each, shared by the session's tests."""
+    cluster = ClusterProcess(tmp_path_factory.mktemp("cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: ClusterProcess) -> str:
+    """The session's cluster, emptied for this test (a test that killed a master gets the
+    cluster repaired first)."""
+    redis_cluster.wait_ready()
+    for node in redis_cluster.masters():
+        with node.client() as c:
+            c.flushall()
+    return redis_cluster.url
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    """Each contract test runs on both stores."""
+    """Each contract test runs on every store: embedded, one Redis, Redis Cluster."""
     s: Store
     if request.param == "memory":
         s = MemoryStore(partitions=8, history_size=1000)
-    else:
+    elif request.param == "redis":
         s = RedisStore.from_url(request.getfixturevalue("redis_url"), partitions=8,
                                 history_size=1000)
+    else:
+        s = ClusterStore.from_url(request.getfixturevalue("cluster_url"), partitions=8,
+                                  history_size=1000)
     yield s
     await s.aclose()
 

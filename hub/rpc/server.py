@@ -27,7 +27,7 @@ from hub import metrics
 from hub.api.user.v1 import user_service_pb2, user_sync_service_pb2
 from hub.bearer import TokenVerifier
 from hub.commands import Commands
-from hub.errors import StoreUnavailable
+from hub.errors import KeyspaceMismatch, StoreUnavailable
 from hub.fanout import Fanout, Limits
 from hub.passwords import PasswordHashing
 from hub.ratelimit import RateLimiter
@@ -40,6 +40,7 @@ from hub.rpc.users import UserService
 from hub.rpc.wire import encode_event
 from hub.settings import Settings
 from hub.store.base import Store
+from hub.store.cluster import ClusterStore
 from hub.store.memory import MemoryStore
 from hub.store.redis import RedisStore
 
@@ -94,14 +95,20 @@ def tracing_interceptor(settings: Settings) -> grpc.aio.ServerInterceptor | None
 
 
 def make_store(settings: Settings) -> Store:
+    if settings.cluster:
+        return ClusterStore.from_url(
+            settings.redis_url, partitions=settings.partition_count,
+            history_size=settings.history_size, history_max_age=settings.history_max_age,
+            pool_size=settings.redis_pool_size,
+        )
     if settings.redis_url:
         return RedisStore.from_url(
-            settings.redis_url, partitions=settings.partitions,
+            settings.redis_url, partitions=settings.partition_count,
             history_size=settings.history_size, history_max_age=settings.history_max_age,
             pool_size=settings.redis_pool_size, replicas_ack=settings.redis_replicas_ack,
             replicas_ack_timeout=settings.redis_replicas_ack_timeout,
         )
-    return MemoryStore(settings.partitions, settings.history_size, settings.history_max_age)
+    return MemoryStore(settings.partition_count, settings.history_size, settings.history_max_age)
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -237,7 +244,7 @@ class HubServer:
         """What can be checked of Redis before serving: an evicting maxmemory-policy (which
         would drop users and history silently) is refused; a new Redis gets its epoch. A
         Redis that is down now is not fatal: readiness says so until it answers."""
-        if not isinstance(self.store, RedisStore):
+        if not isinstance(self.store, RedisStore | ClusterStore):
             return
         try:
             async with asyncio.timeout(3):
@@ -256,9 +263,13 @@ class HubServer:
                     " anyway")
             log.warning("Redis's maxmemory-policy is %s (--allow-evicting-redis): users and"
                         " history may vanish silently when Redis is full", policy)
-        with contextlib.suppress(StoreUnavailable, TimeoutError):
+        try:
             async with asyncio.timeout(3):
                 await self.store.ensure_epoch()
+        except KeyspaceMismatch as exc:
+            raise StartupError(str(exc)) from exc
+        except (StoreUnavailable, TimeoutError):
+            pass
 
     async def _store_ok(self) -> bool:
         return await self._store_problem() is None
