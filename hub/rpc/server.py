@@ -99,7 +99,8 @@ def make_store(settings: Settings) -> Store:
         return ClusterStore.from_url(
             settings.redis_url, partitions=settings.partition_count,
             history_size=settings.history_size, history_max_age=settings.history_max_age,
-            pool_size=settings.redis_pool_size,
+            pool_size=settings.redis_pool_size, replicas_ack=settings.redis_replicas_ack,
+            replicas_ack_timeout=settings.redis_replicas_ack_timeout,
         )
     if settings.redis_url:
         return RedisStore.from_url(

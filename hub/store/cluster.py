@@ -54,6 +54,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
+from hub import metrics
 from hub.domain import (
     Event,
     EventBatch,
@@ -223,6 +224,8 @@ class ClusterStore:
         node_options: dict[str, Any] | None = None,
         where: str = "Redis Cluster",
         pool_size: int = 64,
+        replicas_ack: int = 0,
+        replicas_ack_timeout: float = 1.0,
     ) -> None:
         self.partitions = partitions
         self.switchovers = 0
@@ -250,6 +253,9 @@ class ClusterStore:
         self._rotate = client.register_script(_ROTATE_LUA)
         self._user_locks = KeyedLock()
         self._free = asyncio.Semaphore(pool_size)
+        self._pool_size = pool_size
+        self._replicas_ack, self._ack_timeout_ms = replicas_ack, int(replicas_ack_timeout * 1000)
+        self._nodes: dict[tuple[str, int], tuple[aioredis.Redis, Any]] = {}
         # Per partition: its epoch and the last offset and tag this process has seen.
         self._epochs = [""] * partitions
         self._heads: dict[int, tuple[int, str]] = {}
@@ -636,11 +642,10 @@ class ClusterStore:
         for _ in range(_WRITE_TRIES):
             tag = secrets.token_hex(4)
             offset, head = self._heads.get(p, (-1, ""))
-            async with self._calling(write=True):
-                reply = await self._write(keys=keys, args=[
-                    secrets.token_hex(4), self._history_size, ts // 1000,
-                    self._history_max_age_ms, packed, tag, self._epochs[p], offset, head,
-                    self._channels[p], _RESERVATION_VALIDITY_MS])
+            reply = await self._run_write(keys, [
+                secrets.token_hex(4), self._history_size, ts // 1000,
+                self._history_max_age_ms, packed, tag, self._epochs[p], offset, head,
+                self._channels[p], _RESERVATION_VALIDITY_MS])
             epoch = reply[0].decode() if reply[0] else ""
             if reply[1] == _APPLIED:
                 self._epochs[p] = epoch
@@ -660,6 +665,48 @@ class ClusterStore:
             await self._rotate_partition(p, epoch)
         raise StoreUnavailable("the event history kept changing under this write; nothing was"
                                " written")
+
+    async def _run_write(self, keys: list[str], args: list[Any]) -> Any:
+        if not self._replicas_ack:
+            async with self._calling(write=True):
+                return await self._write(keys=keys, args=args)
+        # WAIT counts the replicas that have this connection's writes, so it must follow the
+        # script on the same connection: a pipeline on the owning master's own client (the
+        # cluster client would send WAIT anywhere).
+        for attempt in range(2):
+            async with self._calling(write=True):
+                node = self._r.get_node_from_key(keys[0])
+                client, script = self._node_client(node.host, node.port)
+                try:
+                    async with client.pipeline(transaction=False) as pipe:
+                        await script(keys=keys, args=args, client=pipe)
+                        pipe.wait(self._replicas_ack, self._ack_timeout_ms)
+                        reply, acked = await pipe.execute()
+                except (redis_errors.MovedError, redis_errors.AskError) as exc:
+                    # Not run: the slot is elsewhere (MOVED) or moving (ASK).
+                    if attempt or isinstance(exc, redis_errors.AskError):
+                        raise StoreUnavailable(
+                            f"the user store ({self.where}) is moving this partition's slot;"
+                            " nothing was written") from exc
+                    await self._r.initialize()
+                    continue
+            if reply[1] == _APPLIED and acked < self._replicas_ack:
+                metrics.STORE_ERRORS.inc()
+                raise StoreUnavailable(
+                    f"the write reached {acked} of the {self._replicas_ack} replica(s)"
+                    f" --redis-replicas-ack asks for within {self._ack_timeout_ms} ms: its"
+                    " outcome is unknown (it is on the master, and is lost if the master fails"
+                    " before a replica has it)")
+            return reply
+        raise AssertionError("unreachable")
+
+    def _node_client(self, host: str, port: int) -> tuple[aioredis.Redis, Any]:
+        found = self._nodes.get((host, port))
+        if found is None:
+            client = aioredis.Redis(host=host, port=port, max_connections=self._pool_size,
+                                    **self._node_options)
+            found = self._nodes[(host, port)] = (client, client.register_script(_PARTITION_LUA))
+        return found
 
     # -- events ---------------------------------------------------------------------------
 
@@ -787,4 +834,6 @@ class ClusterStore:
                                    f" {state or 'state unknown'}")
 
     async def aclose(self) -> None:
+        for client, _ in self._nodes.values():
+            await client.aclose()
         await self._r.aclose()
