@@ -12,6 +12,9 @@ pause, restart, fill and roll back to an older snapshot.
     url = sentinel_url(sentinels)          # redis+sentinel://127.0.0.1:P1,.../hub
     ...
     primary.kill()                         # kill -9; the Sentinels promote the replica
+
+And a Redis Cluster (ClusterProcess, below): 3 masters with a replica each, ready in seconds,
+with live slot migration and master kill -9 / failover.
 """
 
 from __future__ import annotations
