@@ -8,9 +8,11 @@ evenly spaced over 0..16383, hence spread evenly over masters that own equal slo
     {prefix}:{t}:meta    hash   e=the partition's epoch, o=last offset, h=tag of the last write
     {prefix}:{t}:log     stream the partition's history (as hub:log:{p} in redis.py)
     {prefix}:{t}:fences  zset   reservation tokens taken over from a stale writer (see below)
-    {prefix}:email:{h}   hash   the email index, sharded by the email's own hash h:
-                                id, tok (reservation token), st (p pending / c confirmed),
-                                ts (ms), ek (the email's index form)
+    {prefix}:{t}:emails  hash   the email index, sharded by the email's own hash into
+                                buckets that reuse the partitions' tags (bucket = crc32 of
+                                the email's index form mod partitions): field the email,
+                                value "state|time ms|reservation token|id", state p
+                                (pending) or c (confirmed)
     {prefix}:{config}    hash   partitions: the partition count the keyspace was made with
 Shard channel {prefix}:{t}:ev carries each write's events (see partition.lua).
 
@@ -43,6 +45,7 @@ import itertools
 import logging
 import secrets
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from importlib.resources import files
@@ -93,35 +96,53 @@ from hub.store.redis import (
 log = logging.getLogger(__name__)
 
 _PARTITION_LUA = files("hub.store").joinpath("partition.lua").read_text()
-# The email entry: created pending if absent, or taken over if it is still exactly the one
-# the caller found stale (ARGV 5, 6: its id and token, "" for none). Returns {0} when this
-# caller holds it now, else {1, id, token, state, time} of the holder.
+# The email index, one hash per bucket (field: the email's index form, value:
+# "state|time ms|token|id", state p pending / c confirmed). Each takes its ops as one msgpack
+# argument, in order, so a bulk batch costs one call per bucket, not one per row.
+# Reserve: [email, id, token, stale id, stale token]: the entry becomes this caller's pending
+# one if absent, or if it is still exactly the stale one the caller checked. Reply per op:
+# {0}, or {1, id, token, state, time} of the holder.
 _RESERVE_LUA = """#!lua
-local cur = redis.call('HMGET', KEYS[1], 'id', 'tok', 'st', 'ts')
-if not cur[1] or (ARGV[5] ~= '' and cur[1] == ARGV[5] and cur[2] == ARGV[6]) then
-  redis.call('HSET', KEYS[1], 'id', ARGV[2], 'tok', ARGV[3], 'st', 'p', 'ts', ARGV[4],
-             'ek', ARGV[1])
-  return {0}
+local out = {}
+for _, op in ipairs(cmsgpack.unpack(ARGV[1])) do
+  local st, ts, tok, id = nil, nil, nil, nil
+  local cur = redis.call('HGET', KEYS[1], op[1])
+  if cur then st, ts, tok, id = string.match(cur, '^(%a)|(%d+)|(%x+)|(.+)$') end
+  if not cur or (op[4] ~= '' and id == op[4] and tok == op[5]) then
+    redis.call('HSET', KEYS[1], op[1], 'p|' .. ARGV[2] .. '|' .. op[3] .. '|' .. op[2])
+    out[#out + 1] = {0}
+  else
+    out[#out + 1] = {1, id, tok, st, ts}
+  end
 end
-return {1, cur[1], cur[2], cur[3], cur[4]}
+return out
 """
+# Confirm: [email, id, token]: a pending entry of that id and token becomes confirmed.
 _CONFIRM_LUA = """#!lua
-local cur = redis.call('HMGET', KEYS[1], 'id', 'tok')
-if cur[1] == ARGV[1] and cur[2] == ARGV[2] then
-  redis.call('HSET', KEYS[1], 'st', 'c')
-  return 0
+for _, op in ipairs(cmsgpack.unpack(ARGV[1])) do
+  local cur = redis.call('HGET', KEYS[1], op[1])
+  if cur then
+    local _, ts, tok, id = string.match(cur, '^(%a)|(%d+)|(%x+)|(.+)$')
+    if id == op[2] and tok == op[3] then
+      redis.call('HSET', KEYS[1], op[1], 'c|' .. ts .. '|' .. tok .. '|' .. id)
+    end
+  end
 end
-return 1
+return 0
 """
-# Releases the entry if `ARGV[1]` holds it: with its token (ARGV[2]), or confirmed (ARGV[2]
-# ""), never someone's pending reservation made since.
+# Release: [email, id, token]: the entry goes if that id holds it, with that token, or
+# confirmed (token ""); never someone's pending reservation made since.
 _RELEASE_LUA = """#!lua
-local cur = redis.call('HMGET', KEYS[1], 'id', 'tok', 'st')
-if cur[1] == ARGV[1] and (cur[2] == ARGV[2] or (ARGV[2] == '' and cur[3] == 'c')) then
-  redis.call('DEL', KEYS[1])
-  return 0
+for _, op in ipairs(cmsgpack.unpack(ARGV[1])) do
+  local cur = redis.call('HGET', KEYS[1], op[1])
+  if cur then
+    local st, _, tok, id = string.match(cur, '^(%a)|(%d+)|(%x+)|(.+)$')
+    if id == op[2] and (tok == op[3] or (op[3] == '' and st == 'c')) then
+      redis.call('HDEL', KEYS[1], op[1])
+    end
+  end
 end
-return 1
+return 0
 """
 # In the holder's partition: 1 if the holder's record has the email (it is taken), else the
 # holder's token is fenced (its write, if still on its way, is refused) and 0.
@@ -243,6 +264,7 @@ class ClusterStore:
         self._channels = [f"{prefix}:{{{t}}}:ev" for t in tags]
         self._partition_of_channel = {c.encode(): p for p, c in enumerate(self._channels)}
         self._user_prefix = [f"{prefix}:{{{t}}}:u:" for t in tags]
+        self._email_buckets = [f"{prefix}:{{{t}}}:emails" for t in tags]
         self._config = f"{prefix}:{{config}}"
         self._write = client.register_script(_PARTITION_LUA)
         self._reserve = client.register_script(_RESERVE_LUA)
@@ -289,9 +311,10 @@ class ClusterStore:
     def _user_key(self, user_id: str) -> str:
         return self._user_prefix[partition_of(user_id, self.partitions)] + user_id
 
-    def _email_key(self, key: str) -> str:
-        digest = hashlib.sha1(key.encode()).hexdigest()[:20]
-        return f"{self._p}:email:{{{digest}}}"
+    def _emails(self, key: str) -> str:
+        """The email index bucket of an email (its index form): by the email's own hash,
+        over the partitions' hash tags, so the buckets spread like the partitions."""
+        return self._email_buckets[zlib.crc32(key.encode()) % self.partitions]
 
     @property
     def _digest(self) -> str:
@@ -439,15 +462,95 @@ class ClusterStore:
 
     # -- emails ---------------------------------------------------------------------------
 
+    async def _pipelined(self, script: Any, calls: Sequence[tuple[list[str], list[Any]]]
+                         ) -> list[Any]:
+        """One script over many keys in one round trip per master (a bulk batch's emails),
+        each reply or its error in call order. A master that lacks the script (a replica
+        promoted since it was loaded) gets it, and its calls go again: NOSCRIPT ran nothing."""
+        out: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            async with self._calling(write=True), self._r.pipeline(transaction=False) as pipe:
+                for i in todo:
+                    keys, args = calls[i]
+                    # execute_command: redis-py blocks its evalsha() in cluster pipelines,
+                    # though the command routes by its keys like any other.
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                replies = await pipe.execute(raise_on_error=False)
+            missing = []
+            for i, reply in zip(todo, replies, strict=True):
+                if isinstance(reply, redis_errors.NoScriptError) and not attempt:
+                    missing.append(i)
+                else:
+                    out[i] = reply
+            if not missing:
+                break
+            async with self._calling(write=True):
+                await self._r.script_load(script.script)
+            todo = missing
+        return out
+
+    async def _reserve_many(self, rows: Sequence[NewUser]) -> list[Any]:
+        """Each row's email reserved, one call per bucket, all in one pipeline: (token,
+        time), or the error that refused it. Rows whose email is held go through
+        _take_email's checks one by one."""
+        now = int(time.time() * 1000)
+        tokens = [secrets.token_hex(8) for _ in rows]
+        keys = [email_key(r.user.email) for r in rows]
+        replies = await self._by_bucket(self._reserve, [
+            (k, [k, r.user.id, t, "", ""]) for k, r, t in zip(keys, rows, tokens, strict=True)],
+            now)
+        out: list[Any] = []
+        held = []
+        for i, reply in enumerate(replies):
+            if isinstance(reply, Exception):
+                out.append(self._refusal(reply))
+            elif reply[0] == 0:
+                out.append((tokens[i], now))
+            else:
+                out.append(None)
+                held.append(i)
+        checked = await asyncio.gather(
+            *(self._take_email(keys[i], rows[i].user.id) for i in held), return_exceptions=True)
+        for i, result in zip(held, checked, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, HubError):
+                raise result
+            out[i] = result
+        return out
+
+    async def _by_bucket(self, script: Any, ops: Sequence[tuple[str, list[Any]]],
+                         *args: Any) -> list[Any]:
+        """`script` over the ops [(email, op)], one call per email bucket (ops in order
+        within it), all in one pipeline; per op its reply, or its call's error."""
+        buckets: dict[str, list[int]] = {}
+        for i, (key, _) in enumerate(ops):
+            buckets.setdefault(self._emails(key), []).append(i)
+        calls = [([bucket], [msgpack.packb([ops[i][1] for i in indexes]), *args])
+                 for bucket, indexes in buckets.items()]
+        replies = await self._pipelined(script, calls)
+        out: list[Any] = [None] * len(ops)
+        for indexes, reply in zip(buckets.values(), replies, strict=True):
+            for n, i in enumerate(indexes):
+                out[i] = reply if isinstance(reply, Exception) or not isinstance(
+                    reply, list) else reply[n]
+        return out
+
+    def _refusal(self, exc: Exception) -> HubError:
+        """What a Redis error in a pipeline's reply means to the row it refused."""
+        try:
+            with _cluster_failing(True, self.where):
+                raise exc
+        except HubError as refusal:
+            return refusal
+
     async def _take_email(self, key: str, user_id: str) -> tuple[str, int]:
         """Reserves the email for `user_id`: (token, time ms), or AlreadyExists."""
-        entry = self._email_key(key)
         stale_id, stale_tok = "", ""
         for _ in range(_CAS_ATTEMPTS):
             token, now = secrets.token_hex(8), int(time.time() * 1000)
             async with self._calling(write=True):
-                reply = await self._reserve(
-                    keys=[entry], args=[key, user_id, token, now, stale_id, stale_tok])
+                (reply,) = await self._reserve(keys=[self._emails(key)], args=[
+                    msgpack.packb([[key, user_id, token, stale_id, stale_tok]]), now])
             if reply[0] == 0:
                 return token, now
             holder, holder_tok = reply[1].decode(), reply[2].decode()
@@ -471,14 +574,16 @@ class ClusterStore:
 
     async def _confirm_email(self, key: str, user_id: str, token: str) -> None:
         async with self._calling(write=True):
-            await self._confirm(keys=[self._email_key(key)], args=[user_id, token])
+            await self._confirm(keys=[self._emails(key)],
+                                args=[msgpack.packb([[key, user_id, token]])])
 
     async def _release_email(self, key: str, user_id: str, token: str = "") -> None:
         """Best effort: an entry left behind is found stale and taken over by its next
         writer (see the module's docstring)."""
         with contextlib.suppress(StoreUnavailable):
             async with self._calling(write=True):
-                await self._release(keys=[self._email_key(key)], args=[user_id, token])
+                await self._release(keys=[self._emails(key)],
+                                    args=[msgpack.packb([[key, user_id, token]])])
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -504,9 +609,7 @@ class ClusterStore:
                 key = email_key(rows[i].user.email)
                 (later if key in seen else this_round).append(i)
                 seen.add(key)
-            reserved = await asyncio.gather(
-                *(self._take_email(email_key(rows[i].user.email), rows[i].user.id)
-                  for i in this_round), return_exceptions=True)
+            reserved = await self._reserve_many([rows[i] for i in this_round])
             go: list[int] = []
             for i, reservation in zip(this_round, reserved, strict=True):
                 if isinstance(reservation, HubError):
@@ -521,7 +624,8 @@ class ClusterStore:
             # A partition that failed gives its rows its error (their reservations stay
             # pending: each is found stale and taken over later); the others' rows landed.
             results = await self._apply(ops, [cast(tuple[str, int], tokens[i]) for i in go])
-            settle = []
+            confirm: list[tuple[str, list[Any]]] = []
+            release: list[tuple[str, list[Any]]] = []
             for i, op, result in zip(go, ops, results, strict=True):
                 token = cast(tuple[str, int], tokens[i])[0]
                 if result is _RESERVATION_LOST:
@@ -533,13 +637,18 @@ class ClusterStore:
                         "the email's reservation was taken over twice while this create was"
                         " on its way; nothing was written")
                 out[i] = result
+                email = op.new_email
                 if isinstance(result, Event):
-                    settle.append(self._confirm_email(op.new_email, op.user.id, token))
+                    confirm.append((email, [email, op.user.id, token]))
                 elif not isinstance(result, StoreUnavailable):
                     # Refused for sure. After an unknown outcome the reservation stays: the
                     # user may exist, and the next writer of the email checks which.
-                    settle.append(self._release_email(op.new_email, op.user.id, token))
-            await asyncio.gather(*settle, return_exceptions=True)
+                    release.append((email, [email, op.user.id, token]))
+            # Best effort, as in _confirm_email and _release_email: an entry left pending is
+            # resolved by the next writer of its email.
+            with contextlib.suppress(StoreUnavailable):
+                await self._by_bucket(self._confirm, confirm)
+                await self._by_bucket(self._release, release)
             pending = sorted(later)
         return cast(list[BulkResult], out)
 
@@ -608,21 +717,16 @@ class ClusterStore:
             by_partition.setdefault(partition_of(op.user.id, self.partitions), []).append(i)
         out: list[Any] = [None] * len(ops)
 
-        async def one(p: int, indexes: list[int]) -> None:
-            packed = msgpack.packb([
+        def packed(indexes: list[int]) -> bytes:
+            return msgpack.packb([
                 [_TYPE_CODE[ops[i].type], ops[i].user.id, ops[i].expected,
                  b"" if ops[i].type is EventType.DELETED else ops[i].record(),
                  pack_event(ops[i].type, ops[i].user, ts), ops[i].new_email,
                  *(reservations[i] or ("", 0))]
                 for i in indexes
             ], use_bin_type=False)
-            try:
-                reply = await self._write_partition(
-                    p, [ops[i].user.id for i in indexes], packed, ts)
-            except HubError as exc:
-                for i in indexes:
-                    out[i] = exc
-                return
+
+        def outcomes(p: int, indexes: list[int], reply: Any) -> None:
             epoch = self._digest
             for n, i in enumerate(indexes):
                 status, value = reply[2 + 2 * n], reply[3 + 2 * n]
@@ -631,29 +735,75 @@ class ClusterStore:
                 else:
                     out[i] = _result(status, value, ops[i], p, epoch, ts)
 
-        await asyncio.gather(*(one(p, indexes) for p, indexes in by_partition.items()))
+        async def one(p: int, indexes: list[int], first: Any = None) -> None:
+            try:
+                reply = await self._write_partition(
+                    p, [ops[i].user.id for i in indexes], packed(indexes), ts, first)
+            except HubError as exc:
+                for i in indexes:
+                    out[i] = exc
+                return
+            outcomes(p, indexes, reply)
+
+        groups = list(by_partition.items())
+        if len(groups) == 1 or self._replicas_ack:
+            await asyncio.gather(*(one(p, indexes) for p, indexes in groups))
+            return out
+        # Many partitions (a bulk batch): every first try in one round trip per master; a
+        # partition whose try met a moved epoch or a replaced history goes on by itself.
+        tries = [self._write_try(p, [ops[i].user.id for i in indexes], packed(indexes), ts)
+                 for p, indexes in groups]
+        replies = await self._pipelined(self._write, [(keys, args) for keys, args, _ in tries])
+        again = []
+        for (p, indexes), (_, _, state), reply in zip(groups, tries, replies, strict=True):
+            if isinstance(reply, Exception):
+                refusal = self._refusal(reply)
+                for i in indexes:
+                    out[i] = refusal
+            elif self._took(p, reply, *state):
+                outcomes(p, indexes, reply)
+            else:
+                again.append(one(p, indexes, reply))
+        await asyncio.gather(*again)
         return out
 
-    async def _write_partition(
-        self, p: int, user_ids: list[str], packed: bytes, ts: int
-    ) -> Any:
+    def _write_try(self, p: int, user_ids: list[str], packed: bytes, ts: int
+                   ) -> tuple[list[str], list[Any], tuple[str, int]]:
+        """partition.lua's keys and arguments for one try, and what _took needs after it."""
         keys = [self._meta[p], self._ids[p], self._log[p], self._fences[p],
                 *(self._user_prefix[p] + i for i in user_ids)]
+        tag = secrets.token_hex(4)
+        offset, head = self._heads.get(p, (-1, ""))
+        args = [secrets.token_hex(4), self._history_size, ts // 1000, self._history_max_age_ms,
+                packed, tag, self._epochs[p], offset, head, self._channels[p],
+                _RESERVATION_VALIDITY_MS]
+        return keys, args, (tag, offset)
+
+    def _took(self, p: int, reply: Any, tag: str, offset: int) -> bool:
+        """Whether a try was applied (then what this process knows moves on)."""
+        if reply[1] != _APPLIED:
+            return False
+        self._epochs[p] = reply[0].decode() if reply[0] else ""
+        last = max((v for s, v in zip(reply[2::2], reply[3::2], strict=True) if s == _OK),
+                   default=-1)
+        if last > offset:
+            self._heads[p] = (last, tag)
+        return True
+
+    async def _write_partition(
+        self, p: int, user_ids: list[str], packed: bytes, ts: int, first: Any = None
+    ) -> Any:
+        """Tries until applied: `first` is a try already made (and not applied)."""
         for _ in range(_WRITE_TRIES):
-            tag = secrets.token_hex(4)
-            offset, head = self._heads.get(p, (-1, ""))
-            reply = await self._run_write(keys, [
-                secrets.token_hex(4), self._history_size, ts // 1000,
-                self._history_max_age_ms, packed, tag, self._epochs[p], offset, head,
-                self._channels[p], _RESERVATION_VALIDITY_MS])
+            if first is None:
+                keys, args, (tag, offset) = self._write_try(p, user_ids, packed, ts)
+                reply = await self._run_write(keys, args)
+                if self._took(p, reply, tag, offset):
+                    return reply
+            else:
+                reply, first = first, None
+                offset = self._heads.get(p, (-1, ""))[0]
             epoch = reply[0].decode() if reply[0] else ""
-            if reply[1] == _APPLIED:
-                self._epochs[p] = epoch
-                last = max((v for s, v in zip(reply[2::2], reply[3::2], strict=True)
-                            if s == _OK), default=-1)
-                if last > offset:
-                    self._heads[p] = (last, tag)
-                return reply
             if reply[1] == _EPOCH_MOVED:
                 self._epochs[p] = epoch
                 self._heads.pop(p, None)
