@@ -45,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the data directory (nodes' files and logs) on exit")
     args = parser.parse_args(argv)
 
-    # SIGTERM stops us the way Ctrl-C does, so the finally below runs either way.
+    # SIGTERM stops us the way Ctrl-C does, so the finally below runs either way; SIGINT's
+    # handler is set too, as a shell's `&` starts a job with SIGINT ignored.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     data = Path(tempfile.mkdtemp(prefix="hub-cluster-"))
     cluster = ClusterProcess(data / "redis", masters=args.masters,
                              replicas_per_master=args.replicas)
