@@ -220,6 +220,12 @@ def _cluster_failing(write: bool, where: str) -> Iterator[None]:
     with _unavailable(write, where):
         try:
             yield
+        except (redis_errors.MovedError, redis_errors.AskError) as exc:
+            # Only where hub talks to one node itself (its pub/sub, replicas-ack writes):
+            # the cluster client follows redirections on its own.
+            raise StoreUnavailable(
+                f"the user store ({where}) moved a slot under this call ({exc})"
+                + ("; nothing was written" if write else "")) from exc
         except (redis_errors.ClusterError, redis_errors.SlotNotCoveredError,
                 redis_errors.RedisClusterException) as exc:
             if isinstance(exc, redis_errors.ResponseError):
@@ -868,7 +874,10 @@ class ClusterStore:
         the audit finding a silent partition: the fan-out then listens again, on the new
         topology, and repairs the gap from history."""
         async with self._calling():
-            await self._r.initialize()  # the slot table as it is now, not as it was
+            # The slot table as it is now, not as it was (initialize() alone does nothing
+            # on a client that has one).
+            await self._r.initialize()
+            await self._r.nodes_manager.initialize()
         by_node: dict[tuple[str, int], list[str]] = {}
         for channel in self._channels:
             node = self._r.get_node_from_key(channel)
