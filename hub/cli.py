@@ -569,7 +569,8 @@ def request_of(row: Mapping[str, Any]) -> CreateUserRequest | Refused:
         if not isinstance(value, str):
             return Refused(-1, key, f"{key}: must be a string, not {json.dumps(value)}")
         values[key] = value
-    status = values["status"].strip().lower() or "active"
+    # `hub user list` prints the API's enum names (USER_STATUS_ACTIVE): its output imports.
+    status = values["status"].strip().lower().removeprefix("user_status_") or "active"
     if status not in _STATUSES:
         return Refused(-1, "status", f'status: unknown "{values["status"]}"; allowed:'
                        f" {', '.join(_STATUSES)}")

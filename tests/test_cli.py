@@ -187,6 +187,22 @@ def test_import_csv_and_jsonl(server: HubProcess, tmp_path: Path) -> None:
     assert by_email["eve@example.com"]["status"] == "USER_STATUS_INACTIVE"
 
 
+def test_what_list_prints_imports_into_another_hub(
+    server: HubProcess, hub_process: Callable[..., HubProcess], tmp_path: Path,
+) -> None:
+    # The README's way to copy users to a new keyspace (e.g. from one Redis to a cluster).
+    ok(user(server, "create", "--email", "ann@example.com", "--name", "Ann"))
+    ok(user(server, "create", "--email", "ben@example.com", "--name", "Ben",
+            "--status", "inactive"))
+    exported = tmp_path / "users.jsonl"
+    exported.write_text(ok(user(server, "list")))
+    other = hub_process()
+    assert ok(user(other, "import", str(exported))).strip() == "created 2, refused 0"
+    copied = {u["email"]: (u["name"], u["status"]) for u in json_lines(ok(user(other, "list")))}
+    assert copied == {"ann@example.com": ("Ann", "USER_STATUS_ACTIVE"),
+                      "ben@example.com": ("Ben", "USER_STATUS_INACTIVE")}
+
+
 def test_import_csv_from_stdin(server: HubProcess) -> None:
     result = user(server, "import", "-", stdin="email,name\nsam@example.com,Sam\n")
     assert result.stdout.strip() == "created 1, refused 0"
