@@ -70,3 +70,54 @@ def test_quick_bench_reports_every_section_beside_its_ceiling(tmp_path: Path) ->
     assert "| measurement |" in table and "hub/ceiling" in table
     assert table.strip() in done.stdout  # the table is printed, too
     assert (out / "latency.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_access_log_section_measures_each_state_beside_off(tmp_path: Path) -> None:
+    # `--access-log-before` pointed at this checkout: the second hub's rows go through the
+    # same plumbing (another source directory) an older worktree's would.
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench", "--quick", "--only", "access-log",
+         "--access-log-before", str(ROOT), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=110, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((out / "bench.json").read_text())["sections"]["access-log"]["rows"]
+    assert [(r["details"]["tree"] == "this checkout", r["details"]["state"]) for r in rows] \
+        == [(mine, s) for s in ("off", "text", "json", "sampled") for mine in (True, False)]
+    for row in rows:
+        assert row["status"] == "ok", row
+        run = row["details"]["runs"][0]
+        assert _number(row["hub"]) and row["hub"] > 0 and run["hub_us_per_call"] > 0, row
+        # What each state wrote is what it promises: nothing, a line a call, or a sample.
+        lines = {"off": (0, 0), "text": (0.99, 1.01), "json": (0.99, 1.01),
+                 "sampled": (0, 0.1)}[row["details"]["state"]]
+        assert lines[0] <= run["log_lines_per_call"] <= lines[1], row
+        if row["details"]["state"] == "off":
+            assert row["ceiling"] is None
+        else:  # beside the same hub with the access log off
+            off = next(r for r in rows if r["details"]["tree"] == row["details"]["tree"]
+                       and r["details"]["state"] == "off")
+            assert row["ceiling"] == off["hub"] and _number(row["ratio"]), row
+    json_run, text_run = (rows[n]["details"]["runs"][0] for n in (4, 2))
+    assert json_run["log_bytes_per_call"] > text_run["log_bytes_per_call"]  # the fields
+
+
+def test_an_older_hub_is_measured_in_the_states_it_has() -> None:
+    from loadtest.bench.access_log import log_states
+
+    old = {s.key: s for s in log_states("usage: hub serve [--log-level LOG_LEVEL]", 0.01)}
+    assert old["off"].flags == ("--log-level", "WARNING") and not old["off"].missing
+    assert old["sampled"].missing and not old["text"].missing
+    new = {s.key: s for s in log_states("--no-access-log --access-log-sample F", 0.01)}
+    assert "--no-access-log" in new["off"].flags and not new["sampled"].missing
+    assert new["sampled"].flags[-2:] == ("--access-log-sample", "0.01")
+
+
+def test_access_log_before_needs_the_access_log_section(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtest.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--only", "getuser", "--access-log-before", str(ROOT)])
+    assert exit_.value.code == 2 and "--only access-log" in capsys.readouterr().err

@@ -6,8 +6,9 @@
 - `base.py`: what the sections share (the run's Redis, fresh hubs, workers, raw ceiling
   servers, failed halves as row errors, best-of runs);
 - one module per section: `fanout.py`, `latency.py`, `bulk.py`, `importing.py` (the import
-  section), `getuser.py`, `idle.py`; `streams.py` holds the client-stream runs and the
-  pipelined-Redis ceiling that bulk and import share;
+  section), `getuser.py`, `idle.py`, `access_log.py` (run only by --only access-log);
+  `streams.py` holds the client-stream runs and the pipelined-Redis ceiling that bulk and
+  import share;
 - `report.py`: rows, the Markdown table, bench.json and latency.png;
 - `procs.py`: Redis, hubs, worker processes, CPU and memory meters (also used by
   `loadtest.fanout` and `loadtest.bulk_import`);

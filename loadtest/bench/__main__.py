@@ -3,6 +3,7 @@
     .venv/bin/python -m loadtest.bench [--out bench-results] [--quick]
         [--only fanout,latency,bulk,import,getuser,idle] [--no-workers-per-core]
         [--latency-rates 200,1000,5000]
+    .venv/bin/python -m loadtest.bench --only access-log [--access-log-before DIR]
 
 Starts its own `redis-server` (free port, no persistence) and `python -m hub serve`
 subprocesses (HUB_LOG_LEVEL=WARNING, write rate limit off, 10000 streams per connection), all
@@ -31,6 +32,12 @@ Sections (--only picks some; all of them take about 3 minutes on 2 cores, --quic
   connections), each subscribed to a user nobody writes: RSS of the settled hub after minus
   before (taken after a warm-up of a few streams), over the streams. Ceiling: a raw grpc.aio
   server holding as many idle bidi streams, opened and measured the same way.
+- access-log (only with --only: not in the default run): the getuser load against a
+  1-worker hub with the access log off (--no-access-log), on in text, on in JSON and sampled
+  (1%), all at --log-level INFO with the hub's output in a file; 3 alternating rounds, each
+  state beside off, with the hub's CPU per call and the log bytes per call.
+  --access-log-before DIR adds another checkout's hub (e.g. a git worktree of an older
+  commit) in the same rounds: the access log's cost before and after a change.
 
 fanout and getuser run once with 1 worker per instance and once with one per core (`hub serve
 --workers N`), when this checkout's `hub serve` has --workers (otherwise those rows say
@@ -69,6 +76,7 @@ from typing import Any
 
 import redis
 
+from loadtest.bench.access_log import AccessLogSection
 from loadtest.bench.base import _say
 from loadtest.bench.bulk import BulkSection
 from loadtest.bench.fanout import FanoutSection
@@ -76,7 +84,7 @@ from loadtest.bench.getuser import GetUserSection
 from loadtest.bench.idle import IdleSection
 from loadtest.bench.importing import ImportSection
 from loadtest.bench.latency import LatencySection
-from loadtest.bench.plan import QUICK, SECTIONS, Plan
+from loadtest.bench.plan import EXTRA_SECTIONS, QUICK, SECTIONS, Plan
 from loadtest.bench.procs import BenchError, cpu_model, nproc, start_redis, stop
 from loadtest.bench.report import ERROR, Report, Row, write_outputs
 
@@ -86,10 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else \
         list(SECTIONS)
-    unknown = [s for s in only if s not in SECTIONS]
+    unknown = [s for s in only if s not in SECTIONS + EXTRA_SECTIONS]
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(unknown)}; known:"
-                     f" {', '.join(SECTIONS)}")
+                     f" {', '.join(SECTIONS + EXTRA_SECTIONS)}")
+    before = Path(args.access_log_before).resolve() if args.access_log_before else None
+    if before is not None:
+        if "access-log" not in only:
+            parser.error("--access-log-before: only the access-log section uses it"
+                         " (--only access-log)")
+        if not (before / "hub" / "__main__.py").is_file():
+            parser.error(f"--access-log-before: {before} is not a hub checkout (no"
+                         " hub/__main__.py)")
     plan = QUICK if args.quick else Plan()
     if args.latency_rates:
         try:
@@ -105,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         parser.error(f"--out: {exc}")
     try:
-        report = run(plan, only, args.workers_per_core, quick=args.quick)
+        report = run(plan, only, args.workers_per_core, quick=args.quick, before=before)
     except KeyboardInterrupt:
         print("bench: interrupted; everything it started was stopped", file=sys.stderr)
         return 130
@@ -123,19 +139,24 @@ def _parser() -> argparse.ArgumentParser:
         help="directory for bench.json, bench.md and latency.png (default bench-results)")
     add("--quick", action="store_true",
         help="a smoke test: every section shrunk to a few seconds")
-    add("--only", default="", help=f"comma-separated sections (default all: {','.join(SECTIONS)})")
+    add("--only", default="", help=f"comma-separated sections (default all: {','.join(SECTIONS)};"
+        f" also {','.join(EXTRA_SECTIONS)}, which only --only runs)")
     add("--workers-per-core", action=argparse.BooleanOptionalAction, default=True,
         help="also measure fanout and getuser with one hub worker per core (needs `hub serve"
         " --workers`; default on)")
     add("--latency-rates", default="",
         help="comma-separated paced write rates of the latency section (default 200,1000,5000)")
+    add("--access-log-before", default="", metavar="DIR",
+        help="the access-log section also measures the hub of this checkout (e.g. `git"
+        " worktree add /tmp/hub-old REV`) in the same rounds: the cost before and after")
     return parser
 
 
 # -- the run ----------------------------------------------------------------------------------
 
 
-def run(plan: Plan, only: list[str], per_core: bool, quick: bool = False) -> Report:
+def run(plan: Plan, only: list[str], per_core: bool, quick: bool = False,
+        before: Path | None = None) -> Report:
     """Starts Redis, runs each chosen section (a failing one becomes error rows), stops
     everything; BenchError only when Redis itself cannot start."""
     started = time.monotonic()
@@ -145,7 +166,7 @@ def run(plan: Plan, only: list[str], per_core: bool, quick: bool = False) -> Rep
         stack.callback(stop, redis_proc)
         client = redis.Redis.from_url(redis_url, socket_connect_timeout=2)
         stack.callback(client.close)
-        bench = Bench(plan, workdir, redis_proc, redis_url, client, per_core)
+        bench = Bench(plan, workdir, redis_proc, redis_url, client, per_core, before)
         asyncio.run(bench.run(only))
         info: dict[str, Any] = client.info("server")
     machine = {"nproc": nproc(), "cpu": cpu_model(), "python": platform.python_version(),
@@ -153,20 +174,22 @@ def run(plan: Plan, only: list[str], per_core: bool, quick: bool = False) -> Rep
                "platform": platform.platform()}
     settings = {**asdict(plan), "quick": quick, "sections": only,
                 "workers_per_core": per_core, "multi_worker": bench.multi_worker_note,
+                "access_log_before": str(before) if before else None,
                 "section_seconds": bench.seconds}
     return Report(bench.rows, machine, settings, bench.curve, bench.hub_logs, bench.notes(),
                   round(time.monotonic() - started, 1))
 
 
-class Bench(FanoutSection, LatencySection, BulkSection, ImportSection, GetUserSection,
-            IdleSection):
-    """One run: every section (each a class over BenchBase, in its own module), run in the
-    order --only names them."""
+class Bench(FanoutSection, LatencySection, BulkSection, ImportSection, AccessLogSection,
+            GetUserSection, IdleSection):
+    """One run: every section (each a class over BenchBase, in its own module; the access-log
+    section over the getuser one, whose load it reuses), run in the order --only names them."""
 
     async def run(self, only: list[str]) -> None:
         steps: dict[str, Callable[[], Awaitable[None]]] = {
             "fanout": self.run_fanout, "latency": self.run_latency, "bulk": self.run_bulk,
             "import": self.run_import, "getuser": self.run_getuser, "idle": self.run_idle,
+            "access-log": self.run_access_log,
         }
         for n, name in enumerate(only, 1):
             _say(f"[{n}/{len(only)}] {name}")

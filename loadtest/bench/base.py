@@ -10,17 +10,19 @@ import os
 import subprocess
 import sys
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc.aio
 import redis
 
+from harness.hub import ROOT
 from harness.redis import free_port
 from loadtest import fanout
 from loadtest.bench.plan import Plan
 from loadtest.bench.procs import (
+    HUB_FLAGS,
     BenchError,
     Child,
     Children,
@@ -45,8 +47,10 @@ class BenchBase:
     the rows so far."""
 
     def __init__(self, plan: Plan, workdir: Path, redis_proc: subprocess.Popen[bytes],
-                 redis_url: str, redis_client: redis.Redis, per_core: bool) -> None:
+                 redis_url: str, redis_client: redis.Redis, per_core: bool,
+                 before: Path | None = None) -> None:
         self.plan = plan
+        self.before = before  # another checkout whose hub the access-log section also runs
         self.workdir = workdir
         self.redis_proc = redis_proc
         self.redis_url = redis_url
@@ -102,15 +106,18 @@ class BenchBase:
 
     @contextlib.asynccontextmanager
     async def hubs(self, label: str, count: int = 1, workers: int = 1,
-                   extra_env: dict[str, str] | None = None) -> AsyncIterator[list[Hub]]:
-        """`count` fresh hubs on a flushed Redis, stopped (and their logs summarized) after."""
+                   extra_env: dict[str, str] | None = None, flags: Sequence[str] = (),
+                   source: Path = ROOT) -> AsyncIterator[list[Hub]]:
+        """`count` fresh hubs on a flushed Redis, stopped (and their logs summarized) after;
+        `flags` are added to HUB_FLAGS, `source` is the checkout they run from."""
         await asyncio.to_thread(self.redis.flushall)
         hubs: list[Hub] = []
         try:
             for name in "ABCD"[:count]:
                 self._hub_serial += 1
                 hubs.append(start_hub(name, self.redis_url, self.workdir, extra_env or {},
-                                      workers=workers, log_name=f"{self._hub_serial}-{name}"))
+                                      flags=[*HUB_FLAGS, *flags], workers=workers,
+                                      log_name=f"{self._hub_serial}-{name}", source=source))
             try:
                 await asyncio.gather(*(wait_hub(h) for h in hubs))
                 yield hubs

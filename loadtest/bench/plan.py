@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SECTIONS = ("fanout", "latency", "bulk", "import", "getuser", "idle")
+# Sections only --only runs: what they measure is a choice of configuration, not a headline.
+EXTRA_SECTIONS = ("access-log",)
 # Targets (2-core machine) the bench lets us check; see the docstring of __main__.py.
 FANOUT_TARGET = 300_000.0
 LATENCY_TARGET_RATE = 200.0
@@ -40,6 +42,10 @@ class Plan:
     getuser_clients: int = 2  # processes
     getuser_concurrency: int = 32  # call loops per process
     getuser_channels: int = 8  # connections per process (spread over --workers by the kernel)
+    # The access-log section: the GetUser load once per log state in each round, the states
+    # alternating, so a busy moment on a shared machine falls on all of them alike.
+    access_log_rounds: int = 3
+    access_log_sample: float = 0.01
     idle_streams: int = 10_000
     idle_clients: int = 4  # processes
     idle_channels: int = 10  # connections per process
@@ -51,5 +57,5 @@ QUICK = Plan(
     latency_duration=1.5, bulk_users=3_000, redis_users=20_000, import_users=20_000,
     import_rows=500, getuser_duration=1.5, getuser_users=200, idle_streams=500,
     idle_clients=2, idle_channels=4, drain_timeout=15.0, stream_runs=1,
-    getuser_runs=1,
+    getuser_runs=1, access_log_rounds=1,
 )

@@ -205,25 +205,33 @@ class Hub:
 
 
 @functools.cache
-def hub_supports_workers() -> bool:
-    """Whether this checkout's `hub serve` has --workers (N processes on one port)."""
+def serve_help(source: Path = ROOT) -> str:
+    """`hub serve --help` of a checkout (empty if it cannot say): which flags it has."""
     try:
-        done = subprocess.run([sys.executable, "-m", "hub", "serve", "--help"], cwd=ROOT,
+        done = subprocess.run([sys.executable, "-m", "hub", "serve", "--help"], cwd=source,
                               capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return "--workers" in done.stdout
+        return ""
+    return done.stdout
+
+
+def hub_supports_workers() -> bool:
+    """Whether this checkout's `hub serve` has --workers (N processes on one port)."""
+    return "--workers" in serve_help()
 
 
 def start_hub(name: str, redis_url: str, workdir: Path, extra_env: Mapping[str, str] = {},
-              flags: Sequence[str] = HUB_FLAGS, workers: int = 1, log_name: str = "") -> Hub:
-    """`python -m hub serve` (harness.hub.HubProcess) on a free port with its log in
-    workdir/hub-{log_name or name}/; wait_hub waits until it serves. The write rate limit is
-    off (HUB_WRITE_RATE=0): a load test measures the server, not its throttle."""
+              flags: Sequence[str] = HUB_FLAGS, workers: int = 1, log_name: str = "",
+              source: Path = ROOT) -> Hub:
+    """`python -m hub serve` (harness.hub.HubProcess) of the checkout `source` on a free port
+    with its log (stdout and stderr) in workdir/hub-{log_name or name}/; wait_hub waits until
+    it serves. The write rate limit is off (HUB_WRITE_RATE=0): a load test measures the
+    server, not its throttle."""
     args = ["--shutdown-grace", "2", *flags]
     if workers != 1:
         args += ["--workers", str(workers)]
     process = HubProcess(workdir / f"hub-{log_name or name}", redis_url, args=args,
+                         source=source,
                          env={"HUB_LOG_LEVEL": "WARNING", "HUB_WRITE_RATE": "0", **extra_env})
     process.spawn()
     return Hub(name, process, workers)

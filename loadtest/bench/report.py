@@ -301,6 +301,8 @@ def write_outputs(report: Report, out: Path) -> int:
 
 
 def _chart_label(row: Row) -> str:
+    if "chart_label" in row.details:
+        return str(row.details["chart_label"])
     against = {"bulk": "raw stream" if "raw" in row.ceiling_label else "Redis",
                "import": "Redis", "fanout": "raw stream", "getuser": "raw unary"}
     return f"{row.section} {row.workers}w vs {against.get(row.section, 'ceiling')}"
