@@ -72,8 +72,8 @@ def _wrap(method: str, handler: Any, sample: float, enabled: bool) -> Handler:
         requests.labels(method, code.name).inc()
         seconds_metric.observe(seconds)
         level = logging.WARNING if code in _SERVER_FAULTS else logging.INFO
-        # Failures are always logged; successes as sampled (the line and its write to stderr
-        # cost more than the rest of a GetUser's Python work: measured by the bench).
+        # Failures are always logged; successes as sampled (a line costs about 15 us of CPU
+        # in text and 25 us in JSON, some 3-5% of a GetUser: `bench --only access-log`).
         if not enabled or not log.isEnabledFor(level):
             return
         if code is not grpc.StatusCode.OK or sample >= 1 or (sample and random() < sample):
