@@ -394,8 +394,13 @@ class ClusterStore:
         offsets = tuple(int(m[1] or 0) for m in metas)
         tags = tuple(m[2].decode() if m[2] else "" for m in metas)
         for p in range(self.partitions):
-            if not self._epochs[p]:
+            if epochs[p] and epochs[p] != self._epochs[p]:
+                # Another instance started a new epoch here (or this is a new keyspace): take
+                # it up now, as a write would on verdict 1, so the batches of this partition
+                # are shown with the digest the fan-out reads here. What was seen of the old
+                # history says nothing about the new one.
                 self._epochs[p] = epochs[p]
+                self._heads.pop(p, None)
             if epochs[p] == self._epochs[p]:
                 known = self._heads.get(p)
                 if known is None or offsets[p] > known[0]:
