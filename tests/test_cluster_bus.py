@@ -119,3 +119,17 @@ async def test_batches_carry_the_epoch_another_instance_moved_to(
             assert (batch.partition, batch.epoch) == (7, moved)
     finally:
         await other.aclose()
+
+
+async def test_a_message_lost_before_listening_raises_no_alarm(store: ClusterStore) -> None:
+    # A partition written while nobody listened: its offset is ahead of anything the new
+    # subscription will receive, yet nothing is missing from it.
+    await store.create_many(rows_in(4, 2))
+    async with store.listen() as batches, anyio.create_task_group() as tg:
+        got: list[EventBatch] = []
+        tg.start_soon(drain, batches, got)
+        for _ in range(5):
+            await store.position()
+            await anyio.sleep(0.3)
+        assert not store._resubscribe
+        tg.cancel_scope.cancel()

@@ -928,6 +928,14 @@ class ClusterStore:
                 except Exception as exc:  # handed to the consumer, which raises it
                     await queue.put(exc)
 
+            # From here on every event arrives: what was written before counts as received
+            # (the fan-out routes it from history), or a partition written once before a
+            # lost message would look silent to the audit forever, resubscribing every
+            # two audits.
+            live = await self.position()
+            self._live = list(live.offsets)
+            self._suspects.clear()
+            self._resubscribe = ""
             readers = [asyncio.create_task(read(ps, f"{h}:{p}"), name=f"listen-{h}:{p}")
                        for ps, (h, p) in zip(pubsubs, by_node, strict=True)]
             try:
