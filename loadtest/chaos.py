@@ -2,11 +2,14 @@
 writers and Sync subscribers recording everything, then a pure check of what they recorded.
 
     .venv/bin/python -m loadtest.chaos --duration 600 --seed 1 [--sentinel] [--replicas-ack]
+    .venv/bin/python -m loadtest.chaos --cluster --duration 600 --seed 1 [--replicas-ack]
 
 What runs (all on 127.0.0.1, every process dying with this one):
 
 * Redis: a primary and one replica. With --sentinel, 3 Sentinels too, and the hubs use a
-  `redis+sentinel://.../hub` URL; otherwise a plain `redis://` URL to the primary.
+  `redis+sentinel://.../hub` URL; otherwise a plain `redis://` URL to the primary. With
+  --cluster, a Redis Cluster instead (harness.redis.ClusterProcess: 3 masters, a replica
+  each) and a `redis+cluster://` URL, the hubs on 128 partitions.
 * Two `hub serve` (HUB_HEARTBEAT_INTERVAL=0.5, HUB_WRITE_RATE=0, HUB_SHUTDOWN_GRACE=1,
   HUB_REDIS_REPLICAS_ACK=1 with --replicas-ack).
 * Writers: creates, updates and deletes through both hubs. Each writer owns its users, so it
@@ -25,6 +28,12 @@ rollback); with --sentinel, kill -9 of the primary so the Sentinels promote the 
 old primary coming back as a replica; `CLIENT KILL TYPE pubsub`; `CLIENT PAUSE <ms> WRITE` and
 `ALL`; a subscriber stalled (reads nothing for seconds), slowed (sleeps between responses), or
 moved (closes its stream and resumes from its token on the other hub).
+
+With --cluster the Redis faults are the cluster's own: kill -9 of a master (the cluster
+promotes its replica; the old master, restarted after a while, comes back as that one's
+replica), a live slot move (the slot of a random partition migrated to another master, keys
+and all, in small batches so writes meet it half-moved), and `CLIENT KILL TYPE pubsub`,
+`CLIENT PAUSE WRITE` / `ALL` on one master. Rollbacks and Sentinel promotions are not drawn.
 
 Then faults stop, writers stop, the feeds catch up, the store is read with ListUsers, and
 `check()` (a pure function of the recorded data, see its docstring) lists the violations.
@@ -51,9 +60,12 @@ from typing import Any, Literal
 
 import grpc
 import redis
+from redis.crc import key_slot
 
 from harness.hub import ROOT, HubProcess
 from harness.redis import (
+    ClusterNode,
+    ClusterProcess,
     HarnessError,
     RedisProcess,
     SentinelProcess,
@@ -62,6 +74,7 @@ from harness.redis import (
 )
 from hub.api.user.v1 import common_pb2
 from hub.client import AsyncUserClient, ClientError, ContinuityLost, SyncFeed
+from hub.store.cluster import partition_tags
 
 # ================================================================================================
 # What a run records. Plain data, so the checker below is a pure function and its unit tests
@@ -166,6 +179,7 @@ class Recording:
     store: dict[str, int]  # user id -> version, read with ListUsers at the end (hub A)
     # The same listing through every hub: all must agree, or a hub serves another history.
     listings: dict[str, dict[str, int]] = field(default_factory=dict)
+    cluster: bool = False  # over a Redis Cluster (--cluster)
 
 
 # ================================================================================================
@@ -360,12 +374,13 @@ def loss_windows(faults: Sequence[Fault], replicas_ack: bool) -> list[tuple[floa
     have resynced from the restored node first (seen: seed 21, 2,315 writes acknowledged with
     --replicas-ack gone after a rollback with failover): a restore from an older backup is a
     loss no client-side ack prevents. A promotion without replica acks loses whatever the
-    replica had not yet received when its primary was killed."""
+    replica had not yet received when its primary was killed: a Sentinel's (`promote`), or
+    a Redis Cluster's after a master's kill -9 (`master_kill`)."""
     windows = []
     for f in faults:
         if f.kind == "rollback":
             windows.append((float(f.detail["snapshot_at"]), f.t1, "rollback"))
-        elif f.kind == "promote" and not replicas_ack:
+        elif f.kind in ("promote", "master_kill") and not replicas_ack:
             windows.append((f.t0 - 10.0, f.t1, "promotion"))
     return windows
 
@@ -448,12 +463,27 @@ def check(rec: Recording) -> Report:
 # ================================================================================================
 
 # Relative weights. A rollback needs a snapshot taken earlier: when none is left, its turn
-# takes one instead.
+# takes one instead. The cluster's kinds come last, so the other modes draw as they did
+# before there were any.
 WEIGHTS: dict[str, int] = {
     "hub_kill": 3, "hub_term": 1, "rollback": 3, "promote": 2, "pubsub_kill": 2,
     "pause_write": 2, "pause_all": 2, "stall": 2, "slow": 2, "move": 3,
+    "master_kill": 2, "slot_move": 3,
 }
 SENTINEL_ONLY = frozenset({"promote"})
+CLUSTER_ONLY = frozenset({"master_kill", "slot_move"})
+# One history restored from an older RDB, one primary a Sentinel names: not a cluster's.
+NOT_ON_CLUSTER = frozenset({"rollback", "promote"})
+# The partitions of a cluster run (the default on a redis+cluster:// URL). Partition p's
+# keys carry the hash tag partition_tags(128)[p]: a slot move of its slot moves all of them.
+CLUSTER_PARTITIONS = 128
+
+
+def kinds_for(sentinel: bool, cluster: bool) -> list[str]:
+    """The fault kinds a mode draws from, in WEIGHTS order."""
+    if cluster:
+        return [k for k in WEIGHTS if k not in NOT_ON_CLUSTER]
+    return [k for k in WEIGHTS if k not in CLUSTER_ONLY and (sentinel or k not in SENTINEL_ONLY)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,11 +497,14 @@ class Planned:
 
 
 def plan(seed: int, duration: float, sentinel: bool, subscribers: int,
-         kinds: Iterable[str] | None = None) -> list[Planned]:
+         kinds: Iterable[str] | None = None, cluster: bool = False) -> list[Planned]:
     """The faults of a run: one every 1.5-4 s for `duration` seconds, each with its
-    parameters, from `random.Random(seed)` only."""
+    parameters, from `random.Random(seed)` only. On a cluster, a fault on "a master" names
+    it by its index among the masters of the moment (in start order), a slot move the
+    partition whose slot moves and the index of its new owner among the other masters."""
     rng = random.Random(seed)
-    allowed = [k for k in (kinds or WEIGHTS) if sentinel or k not in SENTINEL_ONLY]
+    mode = kinds_for(sentinel, cluster)
+    allowed = [k for k in (kinds or WEIGHTS) if k in mode]
     weights = [WEIGHTS[k] for k in allowed]
     # The first snapshot comes right away: writes made after it are what a rollback loses.
     out = [Planned(0.0, "snapshot")] if "rollback" in allowed else []
@@ -488,6 +521,15 @@ def plan(seed: int, duration: float, sentinel: bool, subscribers: int,
             params = {"down": round(rng.uniform(0.2, 3.0), 2)}
         elif kind in ("pause_write", "pause_all"):
             params = {"ms": rng.randrange(300, 3000)}
+            if cluster:
+                params["master"] = rng.randrange(3)
+        elif kind == "pubsub_kill" and cluster:
+            params = {"master": rng.randrange(3)}
+        elif kind == "master_kill":
+            params = {"master": rng.randrange(3), "down": round(rng.uniform(0.5, 3.0), 2)}
+        elif kind == "slot_move":
+            params = {"partition": rng.randrange(CLUSTER_PARTITIONS), "to": rng.randrange(2),
+                      "pause": round(rng.uniform(0.0, 0.2), 3)}
         elif kind == "stall":
             params = {"sub": rng.randrange(subscribers), "secs": round(rng.uniform(2, 6), 2)}
         elif kind == "slow":
@@ -525,7 +567,7 @@ class Clock:
         return round(time.monotonic() - self.start, 3)
 
 
-class Cluster:
+class Servers:
     """Redis (primary + replica, Sentinels) and the two hubs, and the faults done to them."""
 
     def __init__(self, workdir: Path, sentinel: bool, replicas_ack: bool, source: Path,
@@ -623,17 +665,105 @@ class Cluster:
             await asyncio.to_thread(old.wait_synced, 20.0)
         return {"old": old.port, "new": new.port, "down": down}
 
-    async def redis_command(self, *args: Any) -> Any:
+    async def redis_command(self, step: Planned, *args: Any) -> tuple[Any, dict[str, Any]]:
+        """`args` run on the primary: the reply, and where it ran (nothing to say here)."""
         def run() -> Any:
             with self.primary().client() as client:
                 return client.execute_command(*args)
-        return await asyncio.to_thread(run)
+        return await asyncio.to_thread(run), {}
 
     async def ensure_up(self) -> None:
         """After the faults: every process running again, the replica in sync."""
         for node in self.nodes:
             if not node.running:
                 await asyncio.to_thread(node.start)
+        for h in self.hubs:
+            if not h.running:
+                await h.astart()
+            await h.await_serving()
+
+
+class ClusterServers:
+    """A Redis Cluster (3 masters, a replica each) and the two hubs on its redis+cluster://
+    URL, and the faults done to them. The cluster's failure detection (node timeout 2 s)
+    promotes a killed master's replica in about 3-5 s."""
+
+    def __init__(self, workdir: Path, replicas_ack: bool, source: Path, log_level: str) -> None:
+        self.redis = ClusterProcess(workdir / "redis-cluster")
+        self.slots = [key_slot(t.encode()) for t in partition_tags(CLUSTER_PARTITIONS)]
+        env = {**HUB_ENV, "HUB_LOG_LEVEL": log_level, "HUB_PARTITIONS": str(CLUSTER_PARTITIONS)}
+        if replicas_ack:
+            env["HUB_REDIS_REPLICAS_ACK"] = "1"
+        self.hubs = [HubProcess(workdir / f"hub-{n}", self.redis.url, env=env, source=source)
+                     for n in "ab"]
+
+    @property
+    def targets(self) -> list[str]:
+        return [h.target for h in self.hubs]
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.redis.start)
+        await asyncio.gather(*(h.astart() for h in self.hubs))
+
+    def stop(self) -> None:
+        for hub in self.hubs:
+            hub.kill()
+        self.redis.stop()
+
+    def _master(self, index: int) -> ClusterNode:
+        masters = self.redis.masters()
+        return masters[index % len(masters)]
+
+    def _partitions_of(self, node: ClusterNode) -> int:
+        owners = self.redis.slot_owners()
+        return sum(owners.get(slot) == node.port for slot in self.slots)
+
+    async def kill_master(self, index: int, down: float) -> dict[str, Any]:
+        """kill -9 of a master; once its replica has taken over, `down` s more, then the old
+        one is started again (it rejoins as the new master's replica) and the cluster is
+        waited for: every slot served, every replica in sync."""
+        def kill() -> tuple[ClusterNode, int]:
+            node = self._master(index)
+            partitions = self._partitions_of(node)
+            self.redis.kill_master(node)
+            return node, partitions
+        start = time.monotonic()
+        old, partitions = await asyncio.to_thread(kill)
+        new = await asyncio.to_thread(self.redis.wait_failover)
+        failover = round(time.monotonic() - start, 2)
+        await asyncio.sleep(down)
+        await asyncio.to_thread(old.restart)
+        await asyncio.to_thread(self.redis.wait_ready)
+        return {"old": old.port, "new": new.port, "partitions": partitions,
+                "failover_s": failover, "down": down}
+
+    async def move_slot(self, partition: int, to: int, pause: float) -> dict[str, Any]:
+        """The slot of `partition` migrated live to another master, two keys per MIGRATE
+        with `pause` s between them (writes meet the slot half-moved: ASK, TRYAGAIN)."""
+        def move() -> dict[str, Any]:
+            slot = self.slots[partition]
+            source = self.redis.master_of_slot(slot)
+            others = [m for m in self.redis.masters() if m.port != source.port]
+            target = others[to % len(others)]
+            self.redis.migrate_slot(slot, target, batch=2, pause=pause)
+            return {"partition": partition, "slot": slot, "from": source.port,
+                    "to": target.port}
+        return await asyncio.to_thread(move)
+
+    async def redis_command(self, step: Planned, *args: Any) -> tuple[Any, dict[str, Any]]:
+        """`args` run on the master the step names: the reply, and that master's port."""
+        def run() -> tuple[Any, dict[str, Any]]:
+            node = self._master(step.param("master"))
+            with node.client() as client:
+                return client.execute_command(*args), {"node": node.port}
+        return await asyncio.to_thread(run)
+
+    async def ensure_up(self) -> None:
+        """After the faults: every node running again, the cluster ready, the hubs serving."""
+        for node in self.redis.nodes:
+            if not node.running:
+                await asyncio.to_thread(node.restart)
+        await asyncio.to_thread(self.redis.wait_ready)
         for h in self.hubs:
             if not h.running:
                 await h.astart()
@@ -803,6 +933,7 @@ class Options:
     seed: int
     sentinel: bool = False
     replicas_ack: bool = False
+    cluster: bool = False
     subscribers: int = 6
     writers: int = 4
     faults: tuple[str, ...] = ()  # empty: all kinds
@@ -827,19 +958,21 @@ async def read_store(client: AsyncUserClient) -> dict[str, int]:
 async def record(opts: Options, workdir: Path, out: Any = sys.stdout) -> Recording:
     """Runs the processes, writers, subscribers and the schedule; returns what was seen."""
     schedule = plan(opts.seed, opts.duration, opts.sentinel, opts.subscribers,
-                    opts.faults or None)
-    cluster = Cluster(workdir, opts.sentinel, opts.replicas_ack, opts.source, opts.log_level)
+                    opts.faults or None, cluster=opts.cluster)
+    servers = (ClusterServers(workdir, opts.replicas_ack, opts.source, opts.log_level)
+               if opts.cluster else
+               Servers(workdir, opts.sentinel, opts.replicas_ack, opts.source, opts.log_level))
     clock = Clock()
     writes: list[Write] = []
     faults: list[Fault] = []
     try:
-        await cluster.start()
-        a, b = cluster.targets
+        await servers.start()
+        a, b = servers.targets
         clients = [AsyncUserClient(t, timeout=WRITE_TIMEOUT) for t in (a, b)]
         try:
             rng = random.Random(f"{opts.seed}:clients")
             writers = [Writer(f"w{i}", random.Random(f"{opts.seed}:w{i}"), clients,
-                              cluster.targets, clock, writes) for i in range(opts.writers)]
+                              servers.targets, clock, writes) for i in range(opts.writers)]
             # One subscriber follows everyone live from before the first write, with no
             # snapshot: its view must hold every user without one.
             early = Subscriber(SubscriberLog("s0-all-live", None, False), [a, b], clock)
@@ -873,11 +1006,11 @@ async def record(opts: Options, workdir: Path, out: Any = sys.stdout) -> Recordi
             for step in schedule:
                 await asyncio.sleep(max(0.0, begin + step.at - time.monotonic()))
                 t0 = clock.now()
-                detail = await inject(step, cluster, subs, clock)
+                detail = await inject(step, servers, subs, clock)
                 faults.append(Fault(t0, clock.now(), step.kind, detail))
                 print(f"  {t0:7.2f}s {step.kind:<11} {_brief(detail)}", file=out, flush=True)
             await asyncio.sleep(max(0.0, begin + opts.duration - time.monotonic()))
-            await cluster.ensure_up()
+            await servers.ensure_up()
             for s in subs:
                 s.stall_for, s.slow_until = 0.0, 0.0
             stop_writes.set()
@@ -895,26 +1028,37 @@ async def record(opts: Options, workdir: Path, out: Any = sys.stdout) -> Recordi
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            listings = {t: await read_store(c) for t, c in zip(cluster.targets, clients,
+            listings = {t: await read_store(c) for t, c in zip(servers.targets, clients,
                                                                strict=True)}
             store = listings[a]
         finally:
             for c in clients:
                 await c.close()
     finally:
-        cluster.stop()
+        servers.stop()
     return Recording(opts.seed, opts.duration, opts.sentinel, opts.replicas_ack,
-                     [s.log for s in subs], writes, faults, store, listings)
+                     [s.log for s in subs], writes, faults, store, listings, opts.cluster)
 
 
-async def inject(step: Planned, cluster: Cluster, subs: Sequence[Subscriber],
-                 clock: Clock) -> dict[str, Any]:
+async def inject(step: Planned, servers: Servers | ClusterServers,
+                 subs: Sequence[Subscriber], clock: Clock) -> dict[str, Any]:
     """Does one planned fault; returns what was done (for the log and the checker)."""
     kind = step.kind
-    if kind == "snapshot":
-        return await cluster.take_snapshot(clock)
+    if kind in CLUSTER_ONLY:
+        assert isinstance(servers, ClusterServers), f"{kind} needs --cluster"
+        if kind == "master_kill":
+            return await servers.kill_master(step.param("master"), step.param("down"))
+        return await servers.move_slot(step.param("partition"), step.param("to"),
+                                       step.param("pause"))
+    if kind in ("snapshot", "rollback", "promote"):
+        assert isinstance(servers, Servers), f"{kind} is not a cluster's fault"
+        if kind == "snapshot":
+            return await servers.take_snapshot(clock)
+        if kind == "rollback":
+            return await servers.rollback(step.param("down"))
+        return await servers.promote(step.param("down"))
     if kind in ("hub_kill", "hub_term"):
-        hub = cluster.hubs[step.param("hub")]
+        hub = servers.hubs[step.param("hub")]
         if kind == "hub_kill":
             hub.kill()
         else:
@@ -922,18 +1066,15 @@ async def inject(step: Planned, cluster: Cluster, subs: Sequence[Subscriber],
         await asyncio.sleep(step.param("down"))
         await hub.astart()
         return {"hub": "ab"[step.param("hub")], "down": step.param("down")}
-    if kind == "rollback":
-        return await cluster.rollback(step.param("down"))
-    if kind == "promote":
-        return await cluster.promote(step.param("down"))
     if kind == "pubsub_kill":
-        killed = await cluster.redis_command("CLIENT", "KILL", "TYPE", "pubsub")
-        return {"killed": killed}
+        killed, where = await servers.redis_command(step, "CLIENT", "KILL", "TYPE", "pubsub")
+        return {**where, "killed": killed}
     if kind in ("pause_write", "pause_all"):
         ms = step.param("ms")
-        await cluster.redis_command("CLIENT", "PAUSE", ms, kind.removeprefix("pause_").upper())
+        _, where = await servers.redis_command(step, "CLIENT", "PAUSE", ms,
+                                               kind.removeprefix("pause_").upper())
         await asyncio.sleep(ms / 1000)
-        return {"ms": ms}
+        return {**where, "ms": ms}
     sub = subs[step.param("sub")]
     if kind == "stall":
         sub.stall_for = step.param("secs")
@@ -964,7 +1105,7 @@ def summarize(rec: Recording, report: Report) -> dict[str, Any]:
     reasons = Counter(i.reason for s in rec.subscribers for i in s.items if isinstance(i, Lost))
     return {
         "seed": rec.seed, "duration": rec.duration, "sentinel": rec.sentinel,
-        "replicas_ack": rec.replicas_ack,
+        "cluster": rec.cluster, "replicas_ack": rec.replicas_ack,
         "faults": dict(Counter(f.kind for f in rec.faults)),
         "writes": {
             "attempted": len(rec.writes), "acknowledged": outcomes["ack"],
@@ -987,7 +1128,8 @@ def summarize(rec: Recording, report: Report) -> dict[str, Any]:
 
 def print_summary(summary: Mapping[str, Any], out: Any = sys.stdout) -> None:
     w = summary["writes"]
-    mode = "redis+sentinel://" if summary["sentinel"] else "redis://"
+    mode = ("redis+cluster://" if summary.get("cluster") else
+            "redis+sentinel://" if summary["sentinel"] else "redis://")
     print(f"\nchaos seed {summary['seed']}: {summary['duration']:.0f}s of faults, {mode},"
           f" replicas-ack {'on' if summary['replicas_ack'] else 'off'}", file=out)
     faults = ", ".join(f"{k} {n}" for k, n in sorted(summary["faults"].items())) or "none"
@@ -1032,6 +1174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="the schedule's seed (default 1)")
     parser.add_argument("--sentinel", action="store_true",
                         help="3 Sentinels, hubs on redis+sentinel://, promotion faults")
+    parser.add_argument("--cluster", action="store_true",
+                        help="a Redis Cluster (3 masters, a replica each), hubs on"
+                             " redis+cluster://, master kills and slot moves")
     parser.add_argument("--replicas-ack", action="store_true",
                         help="hubs acknowledge writes once a replica has them")
     parser.add_argument("--subscribers", type=int, default=6)
@@ -1050,11 +1195,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     kinds = tuple(k for k in args.faults.split(",") if k)
     if unknown := set(kinds) - set(WEIGHTS):
         parser.error(f"unknown fault kinds: {', '.join(sorted(unknown))}")
+    if args.cluster and args.sentinel:
+        parser.error("--cluster and --sentinel are two different deployments: one of them")
+    if foreign := set(kinds) - set(kinds_for(args.sentinel, args.cluster)):
+        mode = "--cluster" if args.cluster else "--sentinel" if args.sentinel else "redis://"
+        parser.error(f"not drawn in {mode} mode: {', '.join(sorted(foreign))}")
     if args.subscribers < 2 or args.writers < 1:
         parser.error("at least 2 subscribers and 1 writer")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="hub-chaos-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    opts = Options(args.duration, args.seed, args.sentinel, args.replicas_ack,
+    opts = Options(args.duration, args.seed, args.sentinel, args.replicas_ack, args.cluster,
                    args.subscribers, args.writers, kinds, workdir=workdir,
                    source=args.hub_source)
     try:
@@ -1073,6 +1223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"(logs in {workdir}; rerun: python -m loadtest.chaos --duration"
               f" {args.duration:g} --seed {args.seed}"
               + (" --sentinel" if args.sentinel else "")
+              + (" --cluster" if args.cluster else "")
               + (" --replicas-ack" if args.replicas_ack else "") + ")")
     return 1 if report.violations else 0
 

@@ -3,6 +3,7 @@ fabricated histories, and one bounded run over real Redis and hub processes pass
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 from harness.redis import dying_with_parent
 from loadtest.chaos import (
+    CLUSTER_PARTITIONS,
     Batch,
     Ev,
     Fault,
@@ -28,6 +30,8 @@ from loadtest.chaos import (
     check_stream,
     final_view,
     plan,
+    print_summary,
+    summarize,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,6 +193,13 @@ def test_a_lost_acknowledged_write_is_flagged_unless_a_rollback_may_lose_it() ->
     promote = Fault(5.5, 7, "promote", {})
     assert check_durability(writes, [promote], {"a": 1}, False, 9) == ([], 2)
     assert len(check_durability(writes, [promote], {"a": 1}, True, 9)[0]) == 2
+    # A cluster's master killed: its replica promoted, as a Sentinel's would be.
+    master_kill = Fault(5.5, 12, "master_kill", {"old": 7001, "new": 7004})
+    assert check_durability(writes, [master_kill], {"a": 1}, False, 9) == ([], 2)
+    assert len(check_durability(writes, [master_kill], {"a": 1}, True, 9)[0]) == 2
+    # Other cluster faults lose nothing acknowledged.
+    moved = Fault(4.5, 6, "slot_move", {"partition": 3})
+    assert len(check_durability(writes, [moved], {"a": 1}, False, 9)[0]) == 2
     resurrected = [write(1, "create", "a", 1), write(2, "delete", "a", 2)]
     assert [v.kind for v in check_durability(resurrected, [], {"a": 1}, False, 9)[0]] == \
         ["lost_write"]
@@ -229,6 +240,35 @@ def test_the_schedule_comes_from_the_seed_alone() -> None:
     assert "promote" not in {p.kind for p in plain}
     only = plan(7, 60, sentinel=False, subscribers=6, kinds=["stall", "move"])
     assert {p.kind for p in only} == {"stall", "move"}
+    assert not {p.kind for p in first} & {"master_kill", "slot_move"}
+
+
+def test_a_cluster_schedule_draws_the_clusters_faults_and_no_rollback_or_promotion() -> None:
+    steps = plan(7, 300, sentinel=False, subscribers=6, cluster=True)
+    assert steps == plan(7, 300, sentinel=False, subscribers=6, cluster=True)
+    drawn = {p.kind for p in steps}
+    assert drawn >= {"master_kill", "slot_move", "pause_write", "pause_all", "pubsub_kill",
+                     "hub_kill", "move"}
+    assert not drawn & {"rollback", "promote", "snapshot"}
+    for step in steps:  # the Redis faults name their master; a slot move its partition
+        if step.kind in ("master_kill", "pause_write", "pause_all", "pubsub_kill"):
+            assert step.param("master") in range(3)
+        if step.kind == "slot_move":
+            assert step.param("partition") in range(CLUSTER_PARTITIONS)
+            assert step.param("to") in range(2)
+    # --faults names kinds of the mode only: a rollback is never a cluster's.
+    assert {p.kind for p in plan(7, 60, False, 6, kinds=["rollback", "slot_move"],
+                                 cluster=True)} == {"slot_move"}
+
+
+def test_the_summary_names_the_cluster() -> None:
+    rec = Recording(1, 10, False, True, [], [write(1, "create", "a", 1)],
+                    [Fault(1, 5, "master_kill", {})], {"a": 1}, cluster=True)
+    out = io.StringIO()
+    print_summary(summarize(rec, check(rec)), out)
+    head, faults = out.getvalue().splitlines()[1:3]
+    assert "redis+cluster://" in head and "replicas-ack on" in head
+    assert faults == "faults:     master_kill 1"
 
 
 # -- bounded runs over real processes -------------------------------------------------------------
@@ -266,6 +306,27 @@ def test_a_bounded_run_with_every_plain_redis_fault_passes(tmp_path: Path) -> No
     # The rollback was told to every subscriber.
     assert isinstance(summary["continuity_signals"], int)
     assert summary["continuity_signals"] >= 6 * faults["rollback"]
+
+
+@needs_redis
+@pytest.mark.redis
+@pytest.mark.timeout(180)
+def test_a_bounded_run_over_a_redis_cluster_with_replica_acks_passes(tmp_path: Path) -> None:
+    # Seed 40's 40 s draw every fault kind of --cluster mode: two master kills (the second
+    # kills the replica the first promoted), two live slot moves, a pause of each kind.
+    summary = run_chaos(tmp_path, "--cluster", "--replicas-ack", "--duration", "40",
+                        "--seed", "40")
+    assert summary["violations"] == 0, summary["first_violations"]
+    assert summary["cluster"] is True
+    faults = summary["faults"]
+    assert isinstance(faults, dict)
+    assert set(faults) >= {"hub_kill", "hub_term", "master_kill", "slot_move", "pubsub_kill",
+                           "pause_write", "pause_all", "stall", "slow", "move"}
+    writes = summary["writes"]
+    assert isinstance(writes, dict) and writes["acknowledged"] > 500
+    assert isinstance(summary["events_delivered"], int) and summary["events_delivered"] > 1000
+    # With replica acks, no acknowledged write is allowed to go with a master.
+    assert summary["exempt_lost_writes"] == 0
 
 
 def _sentinel_supported() -> bool:
