@@ -65,18 +65,15 @@ from hub.domain import (
     NewUser,
     Position,
     User,
-    UserPatch,
     email_key,
     now_us,
     partition_of,
-    tombstone,
 )
 from hub.errors import (
     AlreadyExists,
     Contention,
     HubError,
     KeyspaceMismatch,
-    NotFound,
     StoreUnavailable,
     VersionConflict,
 )
@@ -84,13 +81,16 @@ from hub.store.base import BulkResult
 from hub.store.locks import KeyedLock
 from hub.store.redis import (
     _CAS_ATTEMPTS,
+    RecordOps,
     _Op,
     _Raced,
     _result,
     _unavailable,
     _user_from,
+    decode_batch,
     keyspace_mismatch,
     pack_event,
+    tagged_events,
 )
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def _cluster_failing(write: bool, where: str) -> Iterator[None]:
                 + ("; nothing was written" if write else "")) from exc
 
 
-class ClusterStore:
+class ClusterStore(RecordOps):
     """Usage:
 
         store = ClusterStore.from_url("redis+cluster://127.0.0.1:7000,127.0.0.1:7001")
@@ -328,19 +328,9 @@ class ClusterStore:
 
     # -- reads ----------------------------------------------------------------------------
 
-    async def _read(self, user_id: str) -> tuple[User, str | None]:
+    async def _read_record(self, user_id: str) -> bytes | None:
         async with self._calling():
-            raw = await self._r.hget(self._user_key(user_id), "d")
-        if raw is None:
-            raise NotFound(user_id)
-        fields = msgpack.unpackb(raw)
-        return _user_from(fields), fields[7]
-
-    async def get(self, user_id: str) -> User:
-        return (await self._read(user_id))[0]
-
-    async def password_hash(self, user_id: str) -> str | None:
-        return (await self._read(user_id))[1]
+            return cast(bytes | None, await self._r.hget(self._user_key(user_id), "d"))
 
     async def list_after(self, after_id: str, limit: int) -> list[User]:
         """A k-way merge of the partitions' id indexes: `limit` ids from each (memory: page
@@ -360,9 +350,6 @@ class ClusterStore:
                 raws = await pipe.execute()
         return [_user_from(msgpack.unpackb(raw)) for raw in raws if raw is not None]
 
-    async def history(self, partition: int, after_offset: int, limit: int) -> list[Event]:
-        return [event for event, _, _ in await self.history_tagged(partition, after_offset, limit)]
-
     async def history_tagged(
         self, partition: int, after_offset: int, limit: int
     ) -> list[tuple[Event, str, str]]:
@@ -370,14 +357,8 @@ class ClusterStore:
             meta = await self._read_meta(keys=[self._meta[partition]])
             entries = await self._r.xrange(
                 self._log[partition], min=f"{after_offset + 1}-0", max="+", count=limit)
-        epoch = self._shown_epoch(partition, meta[0].decode() if meta[0] else "")
-        out = []
-        for entry_id, data in entries:
-            type_, fields, ts = msgpack.unpackb(data[b"e"])
-            offset = int(entry_id.split(b"-", 1)[0])
-            event = Event(EventType(type_), _user_from(fields), partition, offset, epoch, ts)
-            out.append((event, data.get(b"g", b"").decode(), data.get(b"q", b"").decode()))
-        return out
+        return tagged_events(
+            partition, self._shown_epoch(partition, meta[0].decode() if meta[0] else ""), entries)
 
     def _shown_epoch(self, partition: int, epoch: str) -> str:
         """The epoch an event of `partition` is shown with: the digest, while its partition's
@@ -598,12 +579,6 @@ class ClusterStore:
 
     # -- writes ---------------------------------------------------------------------------
 
-    async def create(self, new: NewUser) -> Event:
-        (result,) = await self.create_many([new])
-        if isinstance(result, HubError):
-            raise result
-        return result
-
     async def create_many(self, rows: Sequence[NewUser]) -> list[BulkResult]:
         """Rows in rounds: a round holds each email's first remaining row (a later row of the
         same email waits for the earlier's outcome, so the earlier wins, as on one node).
@@ -662,23 +637,6 @@ class ClusterStore:
                 await self._by_bucket(self._release, release)
             pending = sorted(later)
         return cast(list[BulkResult], out)
-
-    async def update(
-        self, user_id: str, patch: UserPatch, expected_version: int | None = None
-    ) -> Event:
-        def op(current: User, pw_hash: str | None) -> _Op:
-            updated = patch.apply(current)
-            return _Op(EventType.UPDATED, updated, current.version,
-                       email_key(current.email), email_key(updated.email), pw_hash)
-
-        return await self._compare_and_set(user_id, expected_version, op)
-
-    async def delete(self, user_id: str, expected_version: int | None = None) -> Event:
-        def op(current: User, _hash: str | None) -> _Op:
-            key = email_key(current.email)
-            return _Op(EventType.DELETED, tombstone(current), current.version, key, key, None)
-
-        return await self._compare_and_set(user_id, expected_version, op)
 
     async def _compare_and_set(
         self, user_id: str, expected_version: int | None,
@@ -787,7 +745,7 @@ class ClusterStore:
         offset, head = self._heads.get(p, (-1, ""))
         args = [secrets.token_hex(4), self._history_size, ts // 1000, self._history_max_age_ms,
                 packed, tag, self._epochs[p], offset, head, self._channels[p],
-                _RESERVATION_VALIDITY_MS]
+                _RESERVATION_VALIDITY_MS, p]
         return keys, args, (tag, offset)
 
     def _took(self, p: int, reply: Any, tag: str, offset: int) -> bool:
@@ -843,9 +801,10 @@ class ClusterStore:
                         await script(keys=keys, args=args, client=pipe)
                         pipe.wait(self._replicas_ack, self._ack_timeout_ms)
                         reply, acked = await pipe.execute()
-                except (redis_errors.MovedError, redis_errors.AskError) as exc:
-                    # Not run: the slot is elsewhere (MOVED) or moving (ASK).
-                    if attempt or isinstance(exc, redis_errors.AskError):
+                except (redis_errors.MovedError, redis_errors.AskError,
+                        redis_errors.TryAgainError) as exc:
+                    # Not run: the slot is elsewhere (MOVED) or moving (ASK, TRYAGAIN).
+                    if attempt or not isinstance(exc, redis_errors.MovedError):
                         raise StoreUnavailable(
                             f"the user store ({self.where}) is moving this partition's slot;"
                             " nothing was written") from exc
@@ -975,26 +934,9 @@ class ClusterStore:
             p = self._partition_of_channel.get(item["channel"])
             if p is None:
                 continue
-            batch = self._decode(p, item["data"])
+            batch = decode_batch(item["data"], self._shown_epoch)
             self._live[p] = max(self._live[p], batch.last_offset)
             yield batch
-
-    def _decode(self, p: int, message: bytes) -> EventBatch:
-        unpacker = msgpack.Unpacker(raw=False)
-        unpacker.feed(message)
-        raw_epoch, _, first, count = next(unpacker), next(unpacker), next(unpacker), next(unpacker)
-        prev_tag, tag = next(unpacker), next(unpacker)
-        epoch = self._shown_epoch(p, raw_epoch)
-
-        def events() -> list[Event]:
-            out = []
-            offset = first
-            for type_, fields, ts in unpacker:
-                out.append(Event(EventType(type_), _user_from(fields), p, offset, epoch, ts))
-                offset += 1
-            return out
-
-        return EventBatch(epoch, p, first, count, events, prev_tag, tag)
 
     async def ping(self) -> None:
         async with self._calling():

@@ -19,7 +19,7 @@
 --        reservation time (ms)],
 --       6 this call's tag, 7 the epoch the caller knows ("" if none), 8 the last offset the
 --       caller saw here (-1 if none), 9 its tag, 10 the shard channel, 11 how long a
---       reservation stays valid (ms; fences are kept twice that).
+--       reservation stays valid (ms; fences are kept twice that), 12 the partition's number.
 -- Returns {epoch, verdict, ...} as write.lua: verdict 0 applied, then status, value per op:
 --   0 ok (offset), 1 not found, 3 version mismatch (stored version), 4 id taken,
 --   5 reservation lost (fenced, or older than its validity): nothing of this op was written.
@@ -131,5 +131,5 @@ if keep and keep ~= head[1][1] then
 end
 
 redis.call('SPUBLISH', channel,
-  cmsgpack.pack(out[1], 0, first, #events, prev, tag) .. table.concat(events))
+  cmsgpack.pack(out[1], tonumber(ARGV[12]), first, #events, prev, tag) .. table.concat(events))
 return out

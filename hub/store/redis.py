@@ -114,13 +114,16 @@ def pack_event(type_: EventType, user: User, ts: int) -> bytes:
     return msgpack.packb([int(type_), _user_fields(user), ts])
 
 
-def decode_batch(message: bytes) -> EventBatch:
+def decode_batch(message: bytes, shown: Callable[[int, str], str] | None = None) -> EventBatch:
     """A published message: msgpack (epoch, partition, first offset, count, previous tag,
-    tag), then its events, decoded only if the batch's events are asked for."""
+    tag), then its events, decoded only if the batch's events are asked for. `shown` maps
+    (partition, the message's epoch) to the epoch the batch is shown with (see cluster.py)."""
     unpacker = msgpack.Unpacker(raw=False)
     unpacker.feed(message)
     epoch, partition, first, count = next(unpacker), next(unpacker), next(unpacker), next(unpacker)
     prev_tag, tag = next(unpacker), next(unpacker)
+    if shown is not None:
+        epoch = shown(partition, epoch)
 
     def events() -> list[Event]:
         out = []
@@ -131,6 +134,19 @@ def decode_batch(message: bytes) -> EventBatch:
         return out
 
     return EventBatch(epoch, partition, first, count, events, prev_tag, tag)
+
+
+def tagged_events(partition: int, epoch: str, entries: Sequence[Any]
+                  ) -> list[tuple[Event, str, str]]:
+    """A history stream's entries (XRANGE) as events, each with the tag of its write and the
+    tag of the write before it."""
+    out = []
+    for entry_id, data in entries:
+        type_, fields, ts = msgpack.unpackb(data[b"e"])
+        offset = int(entry_id.split(b"-", 1)[0])
+        event = Event(EventType(type_), _user_from(fields), partition, offset, epoch, ts)
+        out.append((event, data.get(b"g", b"").decode(), data.get(b"q", b"").decode()))
+    return out
 
 
 async def _read_again(read: Callable[[], Awaitable[_T]]) -> _T:
@@ -158,6 +174,19 @@ _NOT_NOW = {
 }
 
 
+_NOT_NOW_CLASSES: tuple[tuple[type[Exception], str], ...] = (
+    (redis_errors.ClusterDownError, "CLUSTERDOWN"),  # MasterDownError is one
+    (redis_errors.TryAgainError, "TRYAGAIN"),
+)
+
+
+def _closed_connection(exc: BaseException) -> bool:
+    text = str(exc)
+    return (isinstance(exc, RuntimeError) and "handler is closed" in text) or (
+        isinstance(exc, AttributeError) and "'NoneType' object has no attribute" in text
+        and ("write" in text or "transport" in text))
+
+
 @contextmanager
 def _unavailable(write: bool = False, where: str = "") -> Iterator[None]:
     """Redis failures become the errors callers handle: StoreUnavailable (UNAVAILABLE), or
@@ -177,12 +206,26 @@ def _unavailable(write: bool = False, where: str = "") -> Iterator[None]:
         raise StoreUnavailable(
             f"{store} is a read-only replica, not a primary" + nothing) from exc
     except redis_errors.ResponseError as exc:
-        word = str(exc).split(" ", 1)[0].upper()
+        # By class where redis-py has one (its message drops the reply's first word, and a
+        # pipeline's starts "Command # 1 ..."), else by the reply's first word.
+        reply = str(exc).rpartition("of pipeline caused error: ")[2]
+        word = next((w for cls, w in _NOT_NOW_CLASSES if isinstance(exc, cls)),
+                    reply.split(" ", 1)[0].upper())
         if word not in _NOT_NOW and not isinstance(exc, redis_errors.NoPermissionError):
             raise
         metrics.STORE_ERRORS.inc()
         why = _NOT_NOW.get(word, _NOT_NOW["NOPERM"])
         raise StoreUnavailable(f"{store} {why}{nothing}") from exc
+    except (RuntimeError, AttributeError) as exc:
+        # redis-py writing on a connection its peer closed can raise these instead of a
+        # ConnectionError (redis/redis-py#4287: uvloop's "handler is closed", a transport
+        # already gone); anything else of these kinds is a bug and stays one.
+        if not _closed_connection(exc):
+            raise
+        metrics.STORE_ERRORS.inc()
+        raise StoreUnavailable(
+            f"{store} closed the connection ({_cause(exc)})"
+            + ("; the write's outcome is unknown if it was sent" if write else "")) from exc
     except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
         metrics.STORE_ERRORS.inc()
         if isinstance(exc, redis_errors.AuthenticationError):
@@ -263,7 +306,70 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, str, bool,
     return sentinels, parts[0], password, tls, db
 
 
-class RedisStore:
+class RecordOps:
+    """What the one-node and the cluster store do alike, on top of what each does its own
+    way: reading one record (_read_record: its msgpack, or None), a history chunk
+    (history_tagged), a batch of creates (create_many) and a compare-and-set
+    (_compare_and_set)."""
+
+    async def _read_record(self, user_id: str) -> bytes | None:
+        raise NotImplementedError
+
+    async def _read(self, user_id: str) -> tuple[User, str | None]:
+        raw = await self._read_record(user_id)
+        if raw is None:
+            raise NotFound(user_id)
+        fields = msgpack.unpackb(raw)
+        return _user_from(fields), fields[7]
+
+    async def get(self, user_id: str) -> User:
+        return (await self._read(user_id))[0]
+
+    async def password_hash(self, user_id: str) -> str | None:
+        return (await self._read(user_id))[1]
+
+    async def history_tagged(
+        self, partition: int, after_offset: int, limit: int
+    ) -> list[tuple[Event, str, str]]:
+        raise NotImplementedError
+
+    async def history(self, partition: int, after_offset: int, limit: int) -> list[Event]:
+        return [event for event, _, _ in await self.history_tagged(partition, after_offset, limit)]
+
+    async def create_many(self, rows: Sequence[NewUser]) -> list[BulkResult]:
+        raise NotImplementedError
+
+    async def create(self, new: NewUser) -> Event:
+        (result,) = await self.create_many([new])
+        if isinstance(result, HubError):
+            raise result
+        return result
+
+    async def _compare_and_set(
+        self, user_id: str, expected_version: int | None,
+        make_op: Callable[[User, str | None], _Op],
+    ) -> Event:
+        raise NotImplementedError
+
+    async def update(
+        self, user_id: str, patch: UserPatch, expected_version: int | None = None
+    ) -> Event:
+        def op(current: User, pw_hash: str | None) -> _Op:
+            updated = patch.apply(current)
+            return _Op(EventType.UPDATED, updated, current.version,
+                       email_key(current.email), email_key(updated.email), pw_hash)
+
+        return await self._compare_and_set(user_id, expected_version, op)
+
+    async def delete(self, user_id: str, expected_version: int | None = None) -> Event:
+        def op(current: User, _hash: str | None) -> _Op:
+            key = email_key(current.email)
+            return _Op(EventType.DELETED, tombstone(current), current.version, key, key, None)
+
+        return await self._compare_and_set(user_id, expected_version, op)
+
+
+class RedisStore(RecordOps):
     """Usage:
 
         store = RedisStore(redis.asyncio.Redis.from_url("redis://localhost:6379/0"))
@@ -349,20 +455,10 @@ class RedisStore:
 
     # -- reads ----------------------------------------------------------------------------
 
-    async def _read(self, user_id: str) -> tuple[User, str | None]:
+    async def _read_record(self, user_id: str) -> bytes | None:
         key = self._user_key(user_id)
         with self._failing():
-            raw = await _read_again(lambda: self._r.hget(key, "d"))
-        if raw is None:
-            raise NotFound(user_id)
-        fields = msgpack.unpackb(raw)
-        return _user_from(fields), fields[7]
-
-    async def get(self, user_id: str) -> User:
-        return (await self._read(user_id))[0]
-
-    async def password_hash(self, user_id: str) -> str | None:
-        return (await self._read(user_id))[1]
+            return cast(bytes | None, await _read_again(lambda: self._r.hget(key, "d")))
 
     async def list_after(self, after_id: str, limit: int) -> list[User]:
         start = f"({after_id}" if after_id else "-"
@@ -381,9 +477,6 @@ class RedisStore:
         # A user deleted between the two calls is skipped, as if listed a moment later.
         return [_user_from(msgpack.unpackb(raw)) for raw in raws if raw is not None]
 
-    async def history(self, partition: int, after_offset: int, limit: int) -> list[Event]:
-        return [event for event, _, _ in await self.history_tagged(partition, after_offset, limit)]
-
     async def history_tagged(
         self, partition: int, after_offset: int, limit: int
     ) -> list[tuple[Event, str, str]]:
@@ -395,14 +488,7 @@ class RedisStore:
 
         with self._failing():
             epoch, entries = await _read_again(read)
-        out = []
-        epoch_text = epoch.decode() if epoch is not None else ""
-        for entry_id, data in entries:
-            type_, fields, ts = msgpack.unpackb(data[b"e"])
-            offset = int(entry_id.split(b"-", 1)[0])
-            event = Event(EventType(type_), _user_from(fields), partition, offset, epoch_text, ts)
-            out.append((event, data.get(b"g", b"").decode(), data.get(b"q", b"").decode()))
-        return out
+        return tagged_events(partition, epoch.decode() if epoch is not None else "", entries)
 
     async def position(self) -> Position:
         """The epoch ("" while none exists: a new or emptied Redis), each partition's last
@@ -464,12 +550,6 @@ class RedisStore:
 
     # -- writes ---------------------------------------------------------------------------
 
-    async def create(self, new: NewUser) -> Event:
-        (result,) = await self.create_many([new])
-        if isinstance(result, HubError):
-            raise result
-        return result
-
     async def create_many(self, rows: Sequence[NewUser]) -> list[BulkResult]:
         ops = [
             _Op(EventType.CREATED, r.user, 0, "", email_key(r.user.email), r.password_hash)
@@ -477,23 +557,6 @@ class RedisStore:
         ]
         # Creates never race (they check existence in the script), so no _Raced comes back.
         return cast(list[BulkResult], await self._apply(ops))
-
-    async def update(
-        self, user_id: str, patch: UserPatch, expected_version: int | None = None
-    ) -> Event:
-        def op(current: User, pw_hash: str | None) -> _Op:
-            updated = patch.apply(current)
-            return _Op(EventType.UPDATED, updated, current.version,
-                       email_key(current.email), email_key(updated.email), pw_hash)
-
-        return await self._compare_and_set(user_id, expected_version, op)
-
-    async def delete(self, user_id: str, expected_version: int | None = None) -> Event:
-        def op(current: User, _hash: str | None) -> _Op:
-            key = email_key(current.email)
-            return _Op(EventType.DELETED, tombstone(current), current.version, key, key, None)
-
-        return await self._compare_and_set(user_id, expected_version, op)
 
     async def _compare_and_set(
         self, user_id: str, expected_version: int | None,
