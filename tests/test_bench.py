@@ -6,6 +6,8 @@ a measurement that could not be made, or lost events, is."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +103,40 @@ def test_access_log_section_measures_each_state_beside_off(tmp_path: Path) -> No
             assert row["ceiling"] == off["hub"] and _number(row["ratio"]), row
     json_run, text_run = (rows[n]["details"]["runs"][0] for n in (4, 2))
     assert json_run["log_bytes_per_call"] > text_run["log_bytes_per_call"]  # the fields
+
+
+@pytest.mark.skipif(shutil.which("redis-cli") is None, reason="needs redis-cli (cluster create)")
+def test_cluster_section_measures_one_node_and_a_cluster_side_by_side(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench", "--quick", "--only", "cluster",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=150, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((out / "bench.json").read_text())["sections"]["cluster"]["rows"]
+    for row in rows:  # measured, every event delivered, its cost and its limit said
+        assert row["status"] == "ok", row
+        assert _number(row["hub"]) and row["hub"] > 0, row
+        assert "at its limit: " in row["hub_text"] and row["details"]["at_limit"], row
+        cost = row["details"]["cost_us"]
+        assert cost["hubs (sum)"] > 0 and cost.get("redis (sum)", cost.get("redis", 0)) > 0
+    fan = {r["details"]["store"]: r for r in rows if "rate" not in r["details"]}
+    assert {k: r["details"]["partitions"] for k, r in fan.items()} == \
+        {"node": 16, "node 128": 128, "cluster": 128}
+    for key in ("node 128", "cluster"):  # beside the bench's usual single node
+        assert fan[key]["ceiling"] == fan["node"]["hub"] and _number(fan[key]["ratio"])
+    cost = fan["cluster"]["details"]["cost_us"]
+    masters = [v for k, v in cost.items() if re.fullmatch(r"redis \d", k)]
+    assert len(masters) == 3 and all(v > 0 for v in masters), cost
+    assert cost["redis (sum)"] == pytest.approx(sum(masters), abs=0.05)
+    latency = [r for r in rows if "rate" in r["details"]]
+    assert [(r["details"]["store"], r["details"]["rate"]) for r in latency] == \
+        [(s, rate) for s in ("node", "cluster") for rate in (200.0, 1000.0)]
+    for row in latency:
+        ms = row["details"]["percentiles_ms"]
+        assert 0 < ms["p50"] <= ms["p99"] <= ms["p99.9"], row
+    assert "cluster of 3 masters (128 partitions)" in (out / "bench.md").read_text()
 
 
 def test_an_older_hub_is_measured_in_the_states_it_has() -> None:

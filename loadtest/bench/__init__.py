@@ -6,7 +6,7 @@
 - `base.py`: what the sections share (the run's Redis, fresh hubs, workers, raw ceiling
   servers, failed halves as row errors, best-of runs);
 - one module per section: `fanout.py`, `latency.py`, `bulk.py`, `importing.py` (the import
-  section), `getuser.py`, `idle.py`, `access_log.py` (run only by --only access-log);
+  section), `getuser.py`, `idle.py`, `access_log.py` and `cluster.py` (run only by --only);
   `streams.py` holds the client-stream runs and the pipelined-Redis ceiling that bulk and
   import share;
 - `report.py`: rows, the Markdown table, bench.json and latency.png;

@@ -4,6 +4,7 @@
         [--only fanout,latency,bulk,import,getuser,idle] [--no-workers-per-core]
         [--latency-rates 200,1000,5000]
     .venv/bin/python -m loadtest.bench --only access-log [--access-log-before DIR]
+    .venv/bin/python -m loadtest.bench --only cluster [--cluster-replicas 1]
 
 Starts its own `redis-server` (free port, no persistence) and `python -m hub serve`
 subprocesses (HUB_LOG_LEVEL=WARNING, write rate limit off, 10000 streams per connection), all
@@ -38,6 +39,13 @@ Sections (--only picks some; all of them take about 3 minutes on 2 cores, --quic
   state beside off, with the hub's CPU per call and the log bytes per call.
   --access-log-before DIR adds another checkout's hub (e.g. a git worktree of an older
   commit) in the same rounds: the access log's cost before and after a change.
+- cluster (only with --only: not in the default run; about 2 1/2 minutes): the fanout load
+  (1 worker per instance) and the latency load at 200 and 1000 writes/s against the run's
+  redis-server and against a Redis Cluster of 3 masters (`--cluster-replicas`, default 0) with
+  the hubs on its redis+cluster:// URL (128 partitions), each store's row beside the other's;
+  the fanout load also on the single node with --partitions 128. Every row gives the CPU each
+  Redis node (per master and summed) and the hubs spent per event written, and which process
+  (client, hub or Redis) was at a core's limit or waited for a CPU.
 
 fanout and getuser run once with 1 worker per instance and once with one per core (`hub serve
 --workers N`), when this checkout's `hub serve` has --workers (otherwise those rows say
@@ -79,6 +87,7 @@ import redis
 from loadtest.bench.access_log import AccessLogSection
 from loadtest.bench.base import _say
 from loadtest.bench.bulk import BulkSection
+from loadtest.bench.cluster import ClusterSection
 from loadtest.bench.fanout import FanoutSection
 from loadtest.bench.getuser import GetUserSection
 from loadtest.bench.idle import IdleSection
@@ -115,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         if not rates or not all(0 < r <= 10_000 for r in rates):
             parser.error("--latency-rates: each above 0 and at most 10000")
         plan = replace(plan, latency_rates=rates)
+    if args.cluster_replicas is not None:
+        if "cluster" not in only:
+            parser.error("--cluster-replicas: only the cluster section uses it (--only cluster)")
+        plan = replace(plan, cluster_replicas=args.cluster_replicas)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -149,6 +162,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--access-log-before", default="", metavar="DIR",
         help="the access-log section also measures the hub of this checkout (e.g. `git"
         " worktree add /tmp/hub-old REV`) in the same rounds: the cost before and after")
+    add("--cluster-replicas", type=int, choices=(0, 1), default=None,
+        help="replicas per master of the cluster section's cluster (default 0: on a small"
+        " machine each replica's copy of the writes takes CPU from everything measured)")
     return parser
 
 
@@ -181,7 +197,7 @@ def run(plan: Plan, only: list[str], per_core: bool, quick: bool = False,
 
 
 class Bench(FanoutSection, LatencySection, BulkSection, ImportSection, AccessLogSection,
-            GetUserSection, IdleSection):
+            GetUserSection, IdleSection, ClusterSection):
     """One run: every section (each a class over BenchBase, in its own module; the access-log
     section over the getuser one, whose load it reuses), run in the order --only names them."""
 
@@ -189,7 +205,7 @@ class Bench(FanoutSection, LatencySection, BulkSection, ImportSection, AccessLog
         steps: dict[str, Callable[[], Awaitable[None]]] = {
             "fanout": self.run_fanout, "latency": self.run_latency, "bulk": self.run_bulk,
             "import": self.run_import, "getuser": self.run_getuser, "idle": self.run_idle,
-            "access-log": self.run_access_log,
+            "access-log": self.run_access_log, "cluster": self.run_cluster,
         }
         for n, name in enumerate(only, 1):
             _say(f"[{n}/{len(only)}] {name}")

@@ -107,15 +107,19 @@ class BenchBase:
     @contextlib.asynccontextmanager
     async def hubs(self, label: str, count: int = 1, workers: int = 1,
                    extra_env: dict[str, str] | None = None, flags: Sequence[str] = (),
-                   source: Path = ROOT) -> AsyncIterator[list[Hub]]:
+                   source: Path = ROOT, redis_url: str = "",
+                   flush: Callable[[], object] | None = None) -> AsyncIterator[list[Hub]]:
         """`count` fresh hubs on a flushed Redis, stopped (and their logs summarized) after;
-        `flags` are added to HUB_FLAGS, `source` is the checkout they run from."""
-        await asyncio.to_thread(self.redis.flushall)
+        `flags` are added to HUB_FLAGS, `source` is the checkout they run from. `redis_url`
+        and `flush` pick another store than the run's redis-server (the cluster section's
+        cluster) and how it is emptied."""
+        await asyncio.to_thread(flush or self.redis.flushall)
         hubs: list[Hub] = []
         try:
             for name in "ABCD"[:count]:
                 self._hub_serial += 1
-                hubs.append(start_hub(name, self.redis_url, self.workdir, extra_env or {},
+                hubs.append(start_hub(name, redis_url or self.redis_url, self.workdir,
+                                      extra_env or {},
                                       flags=[*HUB_FLAGS, *flags], workers=workers,
                                       log_name=f"{self._hub_serial}-{name}", source=source))
             try:
@@ -148,8 +152,12 @@ class BenchBase:
         await children.ready(servers)
         return f"127.0.0.1:{port}", servers
 
-    def base_pids(self, hubs: list[Hub]) -> dict[str, int]:
-        return {**fanout.hub_pids(hubs), "redis": self.redis_proc.pid, "harness": os.getpid()}
+    def base_pids(self, hubs: list[Hub],
+                  redis_pids: dict[str, int] | None = None) -> dict[str, int]:
+        """CpuMeter labels: the hubs, Redis (the run's redis-server, or `redis_pids`: label ->
+        pid of each node, labels starting "redis") and this process."""
+        redis_pids = {"redis": self.redis_proc.pid} if redis_pids is None else redis_pids
+        return {**fanout.hub_pids(hubs), **redis_pids, "harness": os.getpid()}
 
     def _fanout_args(self) -> argparse.Namespace:
         p = self.plan

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 SECTIONS = ("fanout", "latency", "bulk", "import", "getuser", "idle")
 # Sections only --only runs: what they measure is a choice of configuration, not a headline.
-EXTRA_SECTIONS = ("access-log",)
+EXTRA_SECTIONS = ("access-log", "cluster")
 # Targets (2-core machine) the bench lets us check; see the docstring of __main__.py.
 FANOUT_TARGET = 300_000.0
 LATENCY_TARGET_RATE = 200.0
@@ -46,6 +46,13 @@ class Plan:
     # alternating, so a busy moment on a shared machine falls on all of them alike.
     access_log_rounds: int = 3
     access_log_sample: float = 0.01
+    # The cluster section: the fanout and latency loads on one redis-server and on a cluster.
+    cluster_masters: int = 3
+    cluster_replicas: int = 0  # per master; each replays its master's writes on our 2 cores
+    cluster_latency_rates: tuple[float, ...] = (200.0, 1000.0)
+    # The fan-out also runs on the single node with the cluster's partition count (0: not).
+    cluster_node_partitions: int = 128
+    cluster_idle: float = 2.0  # s: the hubs' and Redis's CPU with nothing to do, measured once
     idle_streams: int = 10_000
     idle_clients: int = 4  # processes
     idle_channels: int = 10  # connections per process
@@ -57,5 +64,5 @@ QUICK = Plan(
     latency_duration=1.5, bulk_users=3_000, redis_users=20_000, import_users=20_000,
     import_rows=500, getuser_duration=1.5, getuser_users=200, idle_streams=500,
     idle_clients=2, idle_channels=4, drain_timeout=15.0, stream_runs=1,
-    getuser_runs=1, access_log_rounds=1,
+    getuser_runs=1, access_log_rounds=1, cluster_idle=1.0,
 )
