@@ -84,11 +84,13 @@ from hub.store.redis import (
     RecordOps,
     _Op,
     _Raced,
+    _read_again,
     _result,
     _unavailable,
     _user_from,
     decode_batch,
     keyspace_mismatch,
+    no_retry,
     pack_event,
     tagged_events,
 )
@@ -298,7 +300,9 @@ class ClusterStore(RecordOps):
         nodes, user, password, tls = parse_cluster_url(url)
         options: dict[str, Any] = dict(
             socket_connect_timeout=2, socket_timeout=5, health_check_interval=10,
-            username=user or None, password=password or None, ssl=tls)
+            username=user or None, password=password or None, ssl=tls, retry=no_retry())
+        # No retries of its own (see no_retry): redirections (MOVED, ASK) and TRYAGAIN,
+        # which ran nothing, it still follows.
         client = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in nodes],
             max_connections=pool_size, **options)
@@ -329,14 +333,16 @@ class ClusterStore(RecordOps):
     # -- reads ----------------------------------------------------------------------------
 
     async def _read_record(self, user_id: str) -> bytes | None:
+        key = self._user_key(user_id)
         async with self._calling():
-            return cast(bytes | None, await self._r.hget(self._user_key(user_id), "d"))
+            return cast(bytes | None, await _read_again(lambda: self._r.hget(key, "d")))
 
     async def list_after(self, after_id: str, limit: int) -> list[User]:
         """A k-way merge of the partitions' id indexes: `limit` ids from each (memory: page
         size times partitions), the first `limit` of their union in id order."""
         start = f"({after_id}" if after_id else "-"
-        async with self._calling():
+
+        async def read() -> list[Any]:
             async with self._r.pipeline(transaction=False) as pipe:
                 for key in self._ids:
                     pipe.zrange(key, start, "+", bylex=True, offset=0, num=limit)
@@ -347,16 +353,21 @@ class ClusterStore(RecordOps):
             async with self._r.pipeline(transaction=False) as pipe:
                 for i in ids:
                     pipe.hget(self._user_key(i), "d")
-                raws = await pipe.execute()
+                return cast(list[Any], await pipe.execute())
+
+        async with self._calling():
+            raws = await _read_again(read)
         return [_user_from(msgpack.unpackb(raw)) for raw in raws if raw is not None]
 
     async def history_tagged(
         self, partition: int, after_offset: int, limit: int
     ) -> list[tuple[Event, str, str]]:
-        async with self._calling():
-            meta = await self._read_meta(keys=[self._meta[partition]])
-            entries = await self._r.xrange(
+        async def read() -> tuple[Any, Any]:
+            return await self._read_meta(keys=[self._meta[partition]]), await self._r.xrange(
                 self._log[partition], min=f"{after_offset + 1}-0", max="+", count=limit)
+
+        async with self._calling():
+            meta, entries = await _read_again(read)
         return tagged_events(
             partition, self._shown_epoch(partition, meta[0].decode() if meta[0] else ""), entries)
 
@@ -367,10 +378,14 @@ class ClusterStore(RecordOps):
         return self._digest if epoch == self._epochs[partition] else f"p{partition}:{epoch}"
 
     async def position(self) -> Position:
-        async with self._calling(), self._r.pipeline(transaction=False) as pipe:
-            for key in self._meta:
-                pipe.hmget(key, "e", "o", "h")
-            metas = await pipe.execute()
+        async def read() -> list[Any]:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for key in self._meta:
+                    pipe.hmget(key, "e", "o", "h")
+                return cast(list[Any], await pipe.execute())
+
+        async with self._calling():
+            metas = await _read_again(read)
         epochs = tuple(m[0].decode() if m[0] else "" for m in metas)
         offsets = tuple(int(m[1] or 0) for m in metas)
         tags = tuple(m[2].decode() if m[2] else "" for m in metas)
@@ -808,7 +823,7 @@ class ClusterStore(RecordOps):
                         raise StoreUnavailable(
                             f"the user store ({self.where}) is moving this partition's slot;"
                             " nothing was written") from exc
-                    await self._r.initialize()
+                    await self._r.nodes_manager.initialize()  # the slot table anew
                     continue
             if reply[1] == _APPLIED and acked < self._replicas_ack:
                 metrics.STORE_ERRORS.inc()

@@ -37,7 +37,9 @@ from typing import Any, TypeVar, cast
 import msgpack
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
 
 from hub import metrics
 from hub.domain import (
@@ -147,6 +149,15 @@ def tagged_events(partition: int, epoch: str, entries: Sequence[Any]
         event = Event(EventType(type_), _user_from(fields), partition, offset, epoch, ts)
         out.append((event, data.get(b"g", b"").decode(), data.get(b"q", b"").decode()))
     return out
+
+
+def no_retry() -> Retry:
+    """redis-py's clients re-send a command after a connection error or a timeout (3 times
+    by default): a write whose reply was lost would be applied again (a create answered
+    "id taken", an update applied twice: seen in the cluster's slot-move test). hub's
+    clients never retry by themselves; reads go again once through _read_again, writes are
+    never repeated."""
+    return Retry(NoBackoff(), 0)
 
 
 async def _read_again(read: Callable[[], Awaitable[_T]]) -> _T:
@@ -426,6 +437,7 @@ class RedisStore(RecordOps):
         options: dict[str, Any] = dict(
             max_connections=pool_size, timeout=5,
             socket_connect_timeout=2, socket_timeout=5, health_check_interval=10,
+            retry=no_retry(),
         )
         if url.startswith(("redis+sentinel://", "rediss+sentinel://")):
             sentinels, master, password, tls, db = parse_sentinel_url(url)
