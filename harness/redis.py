@@ -557,17 +557,30 @@ class ClusterProcess:
 
     # -- faults --------------------------------------------------------------------------
 
-    def kill_master(self, node: ClusterNode | None = None) -> ClusterNode:
+    def kill_master(self, node: ClusterNode | None = None, lag: float = 0.0) -> ClusterNode:
         """kill -9 of `node` (a master; the first master by default). `wait_failover` then
-        waits for one of its replicas to take over."""
+        waits for one of its replicas to take over. With `lag`, its replicas are stopped
+        (SIGSTOP) and their links cut that many seconds before the kill, and go on right
+        after it: they are behind, and the one promoted lacks what the master took
+        meanwhile."""
         node = node or self.masters()[0]
         if node.role() != "master":
             raise HarnessError(f"node {node.port} is not a master")
-        replicas = [r.node_id for r in self.replicas_of(node)]
+        replicas = self.replicas_of(node)
         if not replicas:
             raise HarnessError(f"master {node.port} has no replica to take over")
-        self._killed = (node, replicas)
+        self._killed = (node, [r.node_id for r in replicas])
+        if lag:
+            for replica in replicas:
+                replica.pause()
+            # Cut the replication links too: what the master sent before sits in the stopped
+            # replicas' socket buffers and would arrive after all.
+            with node.client() as client:
+                client.execute_command("CLIENT", "KILL", "TYPE", "replica")
+            time.sleep(lag)
         node.kill()
+        for replica in replicas if lag else ():
+            replica.resume()
         return node
 
     def wait_failover(self, timeout: float = FAILOVER_TIMEOUT) -> ClusterNode:

@@ -526,7 +526,10 @@ def plan(seed: int, duration: float, sentinel: bool, subscribers: int,
         elif kind == "pubsub_kill" and cluster:
             params = {"master": rng.randrange(3)}
         elif kind == "master_kill":
-            params = {"master": rng.randrange(3), "down": round(rng.uniform(0.5, 3.0), 2)}
+            params = {"master": rng.randrange(3), "down": round(rng.uniform(0.5, 3.0), 2),
+                      # Half the kills find the replica behind: it was stopped for `lag` s
+                      # while the master took writes, so its promotion loses them.
+                      "lag": rng.choice((0.0, round(rng.uniform(0.5, 1.5), 2)))}
         elif kind == "slot_move":
             params = {"partition": rng.randrange(CLUSTER_PARTITIONS), "to": rng.randrange(2),
                       "pause": round(rng.uniform(0.0, 0.2), 3)}
@@ -720,14 +723,16 @@ class ClusterServers:
         owners = self.redis.slot_owners()
         return sum(owners.get(slot) == node.port for slot in self.slots)
 
-    async def kill_master(self, index: int, down: float) -> dict[str, Any]:
-        """kill -9 of a master; once its replica has taken over, `down` s more, then the old
-        one is started again (it rejoins as the new master's replica) and the cluster is
-        waited for: every slot served, every replica in sync."""
+    async def kill_master(self, index: int, down: float, lag: float = 0.0) -> dict[str, Any]:
+        """kill -9 of a master (its replica stopped for `lag` s first, so it is behind and
+        its promotion loses what the master took meanwhile: the history goes back); once the
+        replica has taken over, `down` s more, then the old one is started again (it rejoins
+        as the new master's replica) and the cluster is waited for: every slot served, every
+        replica in sync."""
         def kill() -> tuple[ClusterNode, int]:
             node = self._master(index)
             partitions = self._partitions_of(node)
-            self.redis.kill_master(node)
+            self.redis.kill_master(node, lag=lag)
             return node, partitions
         start = time.monotonic()
         old, partitions = await asyncio.to_thread(kill)
@@ -737,7 +742,7 @@ class ClusterServers:
         await asyncio.to_thread(old.restart)
         await asyncio.to_thread(self.redis.wait_ready)
         return {"old": old.port, "new": new.port, "partitions": partitions,
-                "failover_s": failover, "down": down}
+                "failover_s": failover, "down": down, "lag": lag}
 
     async def move_slot(self, partition: int, to: int, pause: float) -> dict[str, Any]:
         """The slot of `partition` migrated live to another master, two keys per MIGRATE
@@ -1049,7 +1054,8 @@ async def inject(step: Planned, servers: Servers | ClusterServers,
     if kind in CLUSTER_ONLY:
         assert isinstance(servers, ClusterServers), f"{kind} needs --cluster"
         if kind == "master_kill":
-            return await servers.kill_master(step.param("master"), step.param("down"))
+            return await servers.kill_master(step.param("master"), step.param("down"),
+                                             step.param("lag"))
         return await servers.move_slot(step.param("partition"), step.param("to"),
                                        step.param("pause"))
     if kind in ("snapshot", "rollback", "promote"):
