@@ -173,6 +173,10 @@ async def test_each_idle_stream_keeps_its_own_heartbeat_interval(hub: HubServer)
 
 
 async def test_ended_streams_leave_no_task_behind(hub: HubServer) -> None:
+    # Counted once the fan-out listens: the cluster store's listener has a reader task per
+    # master, which start() does not wait for.
+    with anyio.fail_after(10):
+        await hub.fanout.ready.wait()
     before = len(asyncio.all_tasks())
     async with grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}") as channel:
         sync = UserSyncServiceStub(channel)
