@@ -167,7 +167,11 @@ async def test_each_idle_stream_keeps_its_own_heartbeat_interval(hub: HubServer)
                     tg.start_soon(collect, n, call)
         for times in beats.values():
             gaps = [b - a for a, b in itertools.pairwise(times)]
-            assert all(gap > 0.1 for gap in gaps), gaps
+            # The mean: a beat the client read late (a busy machine) shortens the next gap
+            # without any beat being doubled; a doubled timer halves the mean, a starved one
+            # doubles it, and two beats at once show as a gap near zero.
+            mean = (times[-1] - times[0]) / len(gaps)
+            assert 0.15 < mean < 0.35 and min(gaps) > 0.03, gaps
         for call in calls:
             call.cancel()
 
