@@ -37,3 +37,39 @@ def test_other_runtime_and_attribute_errors_stay_bugs() -> None:
                 redis_errors.ResponseError("ERR unknown command")):
         with pytest.raises(type(exc)), _unavailable(where="Redis at x:1"):
             raise exc
+
+
+@pytest.mark.anyio
+async def test_a_replaced_history_found_while_another_write_forgot_the_heads(
+    redis_url: str,
+) -> None:
+    # Seen in the 10-minute Sentinel chaos run as INTERNAL (a KeyError): a write learns the
+    # history went back while another write of the same process has just started a new epoch
+    # and forgotten what it knew of the partitions.
+    from hub.domain import NewUser, UserStatus, partition_of
+    from hub.store.redis import RedisStore
+
+    store = RedisStore.from_url(redis_url, partitions=4)
+    try:
+        first = await store.create(NewUser.build("a@x.io", "A", UserStatus.ACTIVE))
+        p = first.partition
+        real = store._run_write
+        calls = 0
+
+        async def racing(*args: object) -> object:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                store._heads.clear()  # the other write's new epoch, meanwhile
+                return [store._seen_epoch.encode(), 2, p, 0]
+            return await real(*args)  # type: ignore[arg-type]
+
+        store._run_write = racing  # type: ignore[method-assign]
+        while True:  # a user in the same partition, so this write sends what it knew of it
+            new = NewUser.build(f"b{calls}@x.io", "B", UserStatus.ACTIVE)
+            if partition_of(new.user.id, 4) == p:
+                break
+        second = await store.create(new)
+        assert calls == 2 and second.user.id == new.user.id
+    finally:
+        await store.aclose()

@@ -608,8 +608,10 @@ class RedisStore(RecordOps):
         touched = sorted(set(partitions))
         for _ in range(_WRITE_TRIES):
             tag = secrets.token_hex(4)
-            known = msgpack.packb(
-                [[p, *self._heads[p]] for p in touched if p in self._heads], use_bin_type=False)
+            # What this try tells the script, kept: another write of this process may forget
+            # the heads (a new epoch) while this one waits for its reply.
+            sent = {p: self._heads[p] for p in touched if p in self._heads}
+            known = msgpack.packb([[p, *head] for p, head in sent.items()], use_bin_type=False)
             reply = await self._run_write(tag, packed, known, ts)
             epoch = reply[0].decode() if reply[0] else ""
             verdict = reply[1]
@@ -624,7 +626,7 @@ class RedisStore(RecordOps):
                 "the Redis history went back: partition %d is at offset %d, this process had"
                 " seen %d (a replica promoted before it had every write, or a Redis restarted"
                 " from older data); acknowledged writes after it are lost; starting a new"
-                " epoch so every subscriber is told", partition, here, self._heads[partition][0])
+                " epoch so every subscriber is told", partition, here, sent[partition][0])
             self._forget(await self.rotate_epoch(epoch))
         else:
             raise StoreUnavailable("the event history kept changing under this write; nothing"
