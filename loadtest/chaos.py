@@ -443,8 +443,20 @@ class Report:
     exempt_losses: int
 
 
+# Codes a write may get from hub for a fault it did not cause; anything else a fault
+# provokes (INTERNAL above all: "INTERNAL means a bug") is hub's own failure.
+BUG_CODES = frozenset({"INTERNAL", "UNKNOWN", "DATA_LOSS"})
+
+
+def check_codes(writes: Sequence[Write]) -> list[Violation]:
+    """6. No write was answered with a code that means a bug in hub."""
+    return [Violation("", "bug_status", w.t1, f"{w.op} {w.user or '(new user)'} through"
+                      f" {w.target} was answered {w.code}")
+            for w in writes if w.code in BUG_CODES]
+
+
 def check(rec: Recording) -> Report:
-    """All checks (1-5) over a finished run."""
+    """All checks (1-6) over a finished run."""
     end = max([rec.duration, *(f.t1 for f in rec.faults)])
     violations: list[Violation] = []
     stats: dict[str, SubscriberStats] = {}
@@ -455,6 +467,7 @@ def check(rec: Recording) -> Report:
     lost, exempt = check_durability(rec.writes, rec.faults, rec.store, rec.replicas_ack, end)
     violations += lost
     violations += check_listings(rec.listings, end)
+    violations += check_codes(rec.writes)
     return Report(violations, stats, exempt)
 
 

@@ -24,6 +24,7 @@ from loadtest.chaos import (
     SubscriberLog,
     Write,
     check,
+    check_codes,
     check_durability,
     check_final,
     check_listings,
@@ -203,6 +204,12 @@ def test_a_lost_acknowledged_write_is_flagged_unless_a_rollback_may_lose_it() ->
     resurrected = [write(1, "create", "a", 1), write(2, "delete", "a", 2)]
     assert [v.kind for v in check_durability(resurrected, [], {"a": 1}, False, 9)[0]] == \
         ["lost_write"]
+
+
+def test_a_write_answered_internal_is_flagged() -> None:
+    writes = [write(1, "create", "a", 1), write(2, "update", "a", 2, "failed", "UNAVAILABLE"),
+              write(3, "update", "a", 2, "failed", "INTERNAL")]
+    assert [(v.kind, v.t) for v in check_codes(writes)] == [("bug_status", 3)]
 
 
 def test_hubs_listing_different_stores_are_flagged() -> None:
