@@ -57,7 +57,6 @@ from redis import exceptions as redis_errors
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from hub import metrics
 from hub.domain import (
     Event,
     EventBatch,
@@ -93,6 +92,7 @@ from hub.store.redis import (
     no_retry,
     pack_event,
     tagged_events,
+    too_few_replicas,
 )
 
 log = logging.getLogger(__name__)
@@ -288,6 +288,7 @@ class ClusterStore(RecordOps):
         self._nodes: dict[tuple[str, int], tuple[aioredis.Redis, Any]] = {}
         # Per partition: its epoch and the last offset and tag this process has seen.
         self._epochs = [""] * partitions
+        self._digest = ""  # epoch_digest(self._epochs), kept by _take_epoch
         self._heads: dict[int, tuple[int, str]] = {}
         # The listener's view, for the audit of silent subscriptions (see position()).
         self._live = [0] * partitions
@@ -326,9 +327,12 @@ class ClusterStore(RecordOps):
         over the partitions' hash tags, so the buckets spread like the partitions."""
         return self._email_buckets[zlib.crc32(key.encode()) % self.partitions]
 
-    @property
-    def _digest(self) -> str:
-        return epoch_digest(self._epochs)
+    def _take_epoch(self, p: int, epoch: str) -> None:
+        """Partition p's epoch is `epoch` now. The digest is kept, not computed per batch:
+        every live batch and history read is shown with it."""
+        if epoch != self._epochs[p]:
+            self._epochs[p] = epoch
+            self._digest = epoch_digest(self._epochs)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -395,7 +399,7 @@ class ClusterStore(RecordOps):
                 # it up now, as a write would on verdict 1, so the batches of this partition
                 # are shown with the digest the fan-out reads here. What was seen of the old
                 # history says nothing about the new one.
-                self._epochs[p] = epochs[p]
+                self._take_epoch(p, epochs[p])
                 self._heads.pop(p, None)
             if epochs[p] == self._epochs[p]:
                 known = self._heads.get(p)
@@ -448,7 +452,7 @@ class ClusterStore(RecordOps):
     async def _rotate_partition(self, p: int, seen: str) -> None:
         async with self._calling(write=True):
             reply = await self._rotate(keys=[self._meta[p]], args=[seen, secrets.token_hex(4)])
-        self._epochs[p] = bytes(reply).decode()
+        self._take_epoch(p, bytes(reply).decode())
         self._heads.pop(p, None)
 
     async def eviction_policy(self) -> str | None:
@@ -767,7 +771,7 @@ class ClusterStore(RecordOps):
         """Whether a try was applied (then what this process knows moves on)."""
         if reply[1] != _APPLIED:
             return False
-        self._epochs[p] = reply[0].decode() if reply[0] else ""
+        self._take_epoch(p, reply[0].decode() if reply[0] else "")
         last = max((v for s, v in zip(reply[2::2], reply[3::2], strict=True) if s == _OK),
                    default=-1)
         if last > offset:
@@ -789,7 +793,7 @@ class ClusterStore(RecordOps):
                 offset = self._heads.get(p, (-1, ""))[0]
             epoch = reply[0].decode() if reply[0] else ""
             if reply[1] == _EPOCH_MOVED:
-                self._epochs[p] = epoch
+                self._take_epoch(p, epoch)
                 self._heads.pop(p, None)
                 continue
             log.error("the Redis history went back: partition %d is at offset %d, this process"
@@ -826,12 +830,7 @@ class ClusterStore(RecordOps):
                     await self._r.nodes_manager.initialize()  # the slot table anew
                     continue
             if reply[1] == _APPLIED and acked < self._replicas_ack:
-                metrics.STORE_ERRORS.inc()
-                raise StoreUnavailable(
-                    f"the write reached {acked} of the {self._replicas_ack} replica(s)"
-                    f" --redis-replicas-ack asks for within {self._ack_timeout_ms} ms: its"
-                    " outcome is unknown (it is on the master, and is lost if the master fails"
-                    " before a replica has it)")
+                raise too_few_replicas(acked, self._replicas_ack, self._ack_timeout_ms, "master")
             return reply
         raise AssertionError("unreachable")
 

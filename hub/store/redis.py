@@ -254,6 +254,16 @@ def _unavailable(write: bool = False, where: str = "") -> Iterator[None]:
             + ("; the write's outcome is unknown if it was sent" if write else "")) from exc
 
 
+def too_few_replicas(acked: int, wanted: int, timeout_ms: int, node: str) -> StoreUnavailable:
+    """A write WAIT did not see on --redis-replicas-ack replicas: applied on `node` (the
+    primary, or a cluster's master), its fate unknown."""
+    metrics.STORE_ERRORS.inc()
+    return StoreUnavailable(
+        f"the write reached {acked} of the {wanted} replica(s) --redis-replicas-ack asks for"
+        f" within {timeout_ms} ms: its outcome is unknown (it is on the {node}, and is lost if"
+        f" the {node} fails before a replica has it)")
+
+
 def keyspace_mismatch(prefix: str, made: int, partitions: int) -> str:
     return (f"the Redis keyspace (prefix {prefix!r}) was made with {made} partitions, this hub"
             f" runs with {partitions}: every user's partition and every resume token depend"
@@ -656,12 +666,7 @@ class RedisStore(RecordOps):
                 pipe.wait(self._replicas_ack, self._ack_timeout_ms)
                 reply, acked = await pipe.execute()
         if reply[1] == _APPLIED and acked < self._replicas_ack:
-            metrics.STORE_ERRORS.inc()
-            raise StoreUnavailable(
-                f"the write reached {acked} of the {self._replicas_ack} replica(s)"
-                f" --redis-replicas-ack asks for within {self._ack_timeout_ms} ms: its outcome"
-                " is unknown (it is on the primary, and is lost if the primary fails before a"
-                " replica has it)")
+            raise too_few_replicas(acked, self._replicas_ack, self._ack_timeout_ms, "primary")
         return reply
 
     # -- events ---------------------------------------------------------------------------
