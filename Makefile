@@ -9,6 +9,9 @@ RUNTIME := $(VENV)/.installed-runtime
 DEV := $(VENV)/.installed-dev
 PIP := $(BIN)/pip install --quiet -c constraints.txt
 
+# The commit whose protos this API must stay compatible with (buf breaking).
+PROTO_BASELINE ?= dfe4ddc
+
 .PHONY: help serve test check lint-proto bench chaos proto clean
 
 ## List the targets.
@@ -48,6 +51,9 @@ check: $(DEV) lint-proto
 ## Lint the .proto files (buf lint, the STANDARD rules less those buf.yaml names).
 lint-proto: node_modules/.bin/buf
 	node_modules/.bin/buf lint
+	# Wire and JSON compatible with the protos as last released (clients built on them go on
+	# working): buf.yaml's breaking rules against that commit.
+	node_modules/.bin/buf breaking protos --against '.git#ref=$(PROTO_BASELINE),subdir=protos'
 
 ## The whole suite: `check`, then pytest with coverage (what CI runs).
 test: check

@@ -25,23 +25,25 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14user/v1/common.proto\x12\x07user.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf5\x01\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12#\n\x06status\x18\x04 \x01(\x0e\x32\x13.user.v1.UserStatus\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x07 \x01(\x03\x12.\n\ndeleted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"z\n\tUserEvent\x12 \n\x04type\x18\x01 \x01(\x0e\x32\x12.user.v1.EventType\x12\x1b\n\x04user\x18\x02 \x01(\x0b\x32\r.user.v1.User\x12.\n\nwritten_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"W\n\tSubscribe\x12\x10\n\x08user_ids\x18\x01 \x03(\t\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\x12\x10\n\x08snapshot\x18\x03 \x01(\x08\x12\x10\n\x08\x63onflate\x18\x04 \x01(\x08\"\x1f\n\x0bUnsubscribe\x12\x10\n\x08user_ids\x18\x01 \x03(\t*[\n\nUserStatus\x12\x1b\n\x17USER_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12USER_STATUS_ACTIVE\x10\x01\x12\x18\n\x14USER_STATUS_INACTIVE\x10\x02*\x88\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45VENT_TYPE_CREATED\x10\x01\x12\x16\n\x12\x45VENT_TYPE_UPDATED\x10\x02\x12\x16\n\x12\x45VENT_TYPE_DELETED\x10\x03\x12\x17\n\x13\x45VENT_TYPE_SNAPSHOT\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14user/v1/common.proto\x12\x07user.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf5\x01\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12#\n\x06status\x18\x04 \x01(\x0e\x32\x13.user.v1.UserStatus\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x07 \x01(\x03\x12.\n\ndeleted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8a\x01\n\tUserEvent\x12 \n\x04type\x18\x01 \x01(\x0e\x32\x12.user.v1.EventType\x12\x1b\n\x04user\x18\x02 \x01(\x0b\x32\r.user.v1.User\x12.\n\nwritten_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06resync\x18\x04 \x01(\x08\"\x91\x01\n\tSubscribe\x12\x10\n\x08user_ids\x18\x01 \x03(\t\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\x12\x10\n\x08snapshot\x18\x03 \x01(\x08\x12\x10\n\x08\x63onflate\x18\x04 \x01(\x08\x12\"\n\x08\x63\x61tch_up\x18\x05 \x01(\x0e\x32\x10.user.v1.CatchUp\x12\x14\n\x0cmin_position\x18\x06 \x01(\t\"\x1f\n\x0bUnsubscribe\x12\x10\n\x08user_ids\x18\x01 \x03(\t*[\n\nUserStatus\x12\x1b\n\x17USER_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12USER_STATUS_ACTIVE\x10\x01\x12\x18\n\x14USER_STATUS_INACTIVE\x10\x02*\x88\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45VENT_TYPE_CREATED\x10\x01\x12\x16\n\x12\x45VENT_TYPE_UPDATED\x10\x02\x12\x16\n\x12\x45VENT_TYPE_DELETED\x10\x03\x12\x17\n\x13\x45VENT_TYPE_SNAPSHOT\x10\x04*7\n\x07\x43\x61tchUp\x12\x18\n\x14\x43\x41TCH_UP_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43\x41TCH_UP_STATE\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'user.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_USERSTATUS']._serialized_start=560
-  _globals['_USERSTATUS']._serialized_end=651
-  _globals['_EVENTTYPE']._serialized_start=654
-  _globals['_EVENTTYPE']._serialized_end=790
+  _globals['_USERSTATUS']._serialized_start=636
+  _globals['_USERSTATUS']._serialized_end=727
+  _globals['_EVENTTYPE']._serialized_start=730
+  _globals['_EVENTTYPE']._serialized_end=866
+  _globals['_CATCHUP']._serialized_start=868
+  _globals['_CATCHUP']._serialized_end=923
   _globals['_USER']._serialized_start=67
   _globals['_USER']._serialized_end=312
-  _globals['_USEREVENT']._serialized_start=314
-  _globals['_USEREVENT']._serialized_end=436
-  _globals['_SUBSCRIBE']._serialized_start=438
-  _globals['_SUBSCRIBE']._serialized_end=525
-  _globals['_UNSUBSCRIBE']._serialized_start=527
-  _globals['_UNSUBSCRIBE']._serialized_end=558
+  _globals['_USEREVENT']._serialized_start=315
+  _globals['_USEREVENT']._serialized_end=453
+  _globals['_SUBSCRIBE']._serialized_start=456
+  _globals['_SUBSCRIBE']._serialized_end=601
+  _globals['_UNSUBSCRIBE']._serialized_start=603
+  _globals['_UNSUBSCRIBE']._serialized_end=634
 # @@protoc_insertion_point(module_scope)

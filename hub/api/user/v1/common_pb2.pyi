@@ -60,6 +60,29 @@ EVENT_TYPE_SNAPSHOT: EventType.ValueType  # 4
 """The user's state when a snapshot was taken (Subscribe.snapshot), not a change."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
+class _CatchUp:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CatchUpEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CatchUp.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CATCH_UP_UNSPECIFIED: _CatchUp.ValueType  # 0
+    """OUT_OF_RANGE when the token's events are gone."""
+    CATCH_UP_STATE: _CatchUp.ValueType  # 1
+    """Resync by state when the token's events are gone (OUT_OF_RANGE still on an epoch change,
+    or beyond the tombstone retention).
+    """
+
+class CatchUp(_CatchUp, metaclass=_CatchUpEnumTypeWrapper): ...
+
+CATCH_UP_UNSPECIFIED: CatchUp.ValueType  # 0
+"""OUT_OF_RANGE when the token's events are gone."""
+CATCH_UP_STATE: CatchUp.ValueType  # 1
+"""Resync by state when the token's events are gone (OUT_OF_RANGE still on an epoch change,
+or beyond the tombstone retention).
+"""
+Global___CatchUp: _TypeAlias = CatchUp  # noqa: Y015
+
 @_typing.final
 class User(_message.Message):
     """A user record as clients see it. Secrets (password, its hash) are never part of it."""
@@ -118,7 +141,14 @@ class UserEvent(_message.Message):
     TYPE_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     WRITTEN_AT_FIELD_NUMBER: _builtins.int
+    RESYNC_FIELD_NUMBER: _builtins.int
     type: Global___EventType.ValueType
+    resync: _builtins.bool
+    """Part of a resync by state (Subscribe.catch_up = CATCH_UP_STATE), not a change: with
+    EVENT_TYPE_SNAPSHOT, a followed user's current state; with EVENT_TYPE_DELETED, a user
+    deleted since the token (its id, last version + 1 and deleted_at). Ends with a
+    SyncResponse with resync_complete.
+    """
     @_builtins.property
     def user(self) -> Global___User:
         """The user after the change; for EVENT_TYPE_DELETED, as it was, at the deleting version."""
@@ -133,10 +163,11 @@ class UserEvent(_message.Message):
         type: Global___EventType.ValueType = ...,
         user: Global___User | None = ...,
         written_at: _timestamp_pb2.Timestamp | None = ...,
+        resync: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user", "written_at", b"written_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["type", b"type", "user", b"user", "written_at", b"written_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resync", b"resync", "type", b"type", "user", b"user", "written_at", b"written_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -152,6 +183,8 @@ class Subscribe(_message.Message):
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     CONFLATE_FIELD_NUMBER: _builtins.int
+    CATCH_UP_FIELD_NUMBER: _builtins.int
+    MIN_POSITION_FIELD_NUMBER: _builtins.int
     resume_token: _builtins.str
     """Resume after the events this token covers (from a SyncResponse, a RESOURCE_EXHAUSTED
     status, or ListUsers' trailing metadata). Only on a stream's first Subscribe.
@@ -160,6 +193,17 @@ class Subscribe(_message.Message):
     """First send the current state of the followed users as EVENT_TYPE_SNAPSHOT events."""
     conflate: _builtins.bool
     """Keep only the latest event per user while the stream is backed up (state, not steps)."""
+    catch_up: Global___CatchUp.ValueType
+    """What to do when the resume token's events have left the bounded history (trimmed by size
+    or age): by default the stream ends OUT_OF_RANGE (HISTORY_EXPIRED); CATCH_UP_STATE sends
+    instead every followed user changed since the token at its current state and every one
+    deleted since, as resync events, then live. Only on a stream's first Subscribe.
+    """
+    min_position: _builtins.str
+    """A position (the trailing `hub-position` of a write, or a resume token): the stream's first
+    response waits until this instance has routed every event up to it, so it shows the
+    write; UNAVAILABLE if that takes longer than the server's bound.
+    """
     @_builtins.property
     def user_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The users to follow; empty: all users."""
@@ -171,10 +215,12 @@ class Subscribe(_message.Message):
         resume_token: _builtins.str = ...,
         snapshot: _builtins.bool = ...,
         conflate: _builtins.bool = ...,
+        catch_up: Global___CatchUp.ValueType = ...,
+        min_position: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflate", b"conflate", "resume_token", b"resume_token", "snapshot", b"snapshot", "user_ids", b"user_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["catch_up", b"catch_up", "conflate", b"conflate", "min_position", b"min_position", "resume_token", b"resume_token", "snapshot", b"snapshot", "user_ids", b"user_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,7 +27,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from . import common_pb2 as user_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1auser/v1/user_service.proto\x12\x07user.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x14user/v1/common.proto\"!\n\x0eGetUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"g\n\x11\x43reateUserRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12#\n\x06status\x18\x04 \x01(\x0e\x32\x13.user.v1.UserStatus\"9\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"?\n\x12ImportUsersRequest\x12)\n\x05users\x18\x01 \x03(\x0b\x32\x1a.user.v1.CreateUserRequest\"g\n\x12\x42ulkCreateResponse\x12\x15\n\rcreated_count\x18\x01 \x01(\x05\x12\x10\n\x08user_ids\x18\x02 \x03(\t\x12(\n\x06\x65rrors\x18\x03 \x03(\x0b\x32\x18.user.v1.BulkCreateError\"N\n\x0f\x42ulkCreateError\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\"\x95\x01\n\x11UpdateUserRequest\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"X\n\x11\x44\x65leteUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"\xb4\x01\n\nUserChange\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x06\x63reate\x18\x02 \x01(\x0b\x32\x1a.user.v1.CreateUserRequestH\x00\x12,\n\x06update\x18\x03 \x01(\x0b\x32\x1a.user.v1.UpdateUserRequestH\x00\x12,\n\x06\x64\x65lete\x18\x04 \x01(\x0b\x32\x1a.user.v1.DeleteUserRequestH\x00\x42\x08\n\x06\x63hange\"\x9b\x01\n\x11UserUpdateRequest\x12\'\n\tsubscribe\x18\x01 \x01(\x0b\x32\x12.user.v1.SubscribeH\x00\x12+\n\x0bunsubscribe\x18\x02 \x01(\x0b\x32\x14.user.v1.UnsubscribeH\x00\x12%\n\x06\x63hange\x18\x03 \x01(\x0b\x32\x13.user.v1.UserChangeH\x00\x42\t\n\x07request2\x84\x04\n\x0bUserService\x12\x31\n\x07GetUser\x12\x17.user.v1.GetUserRequest\x1a\r.user.v1.User\x12\x37\n\nCreateUser\x12\x1a.user.v1.CreateUserRequest\x1a\r.user.v1.User\x12\x37\n\tListUsers\x12\x19.user.v1.ListUsersRequest\x1a\r.user.v1.User0\x01\x12L\n\x0f\x42ulkCreateUsers\x12\x1a.user.v1.CreateUserRequest\x1a\x1b.user.v1.BulkCreateResponse(\x01\x12I\n\x0bImportUsers\x12\x1b.user.v1.ImportUsersRequest\x1a\x1b.user.v1.BulkCreateResponse(\x01\x12<\n\x0bUserUpdates\x12\x1a.user.v1.UserUpdateRequest\x1a\r.user.v1.User(\x01\x30\x01\x12\x37\n\nUpdateUser\x12\x1a.user.v1.UpdateUserRequest\x1a\r.user.v1.User\x12@\n\nDeleteUser\x12\x1a.user.v1.DeleteUserRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1auser/v1/user_service.proto\x12\x07user.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x14user/v1/common.proto\"!\n\x0eGetUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"g\n\x11\x43reateUserRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12#\n\x06status\x18\x04 \x01(\x0e\x32\x13.user.v1.UserStatus\"9\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Y\n\x12ImportUsersRequest\x12)\n\x05users\x18\x01 \x03(\x0b\x32\x1a.user.v1.CreateUserRequest\x12\x18\n\x10idempotency_keys\x18\x02 \x03(\t\"g\n\x12\x42ulkCreateResponse\x12\x15\n\rcreated_count\x18\x01 \x01(\x05\x12\x10\n\x08user_ids\x18\x02 \x03(\t\x12(\n\x06\x65rrors\x18\x03 \x03(\x0b\x32\x18.user.v1.BulkCreateError\"N\n\x0f\x42ulkCreateError\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\"\x95\x01\n\x11UpdateUserRequest\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"X\n\x11\x44\x65leteUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"\xcd\x01\n\nUserChange\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x06\x63reate\x18\x02 \x01(\x0b\x32\x1a.user.v1.CreateUserRequestH\x00\x12,\n\x06update\x18\x03 \x01(\x0b\x32\x1a.user.v1.UpdateUserRequestH\x00\x12,\n\x06\x64\x65lete\x18\x04 \x01(\x0b\x32\x1a.user.v1.DeleteUserRequestH\x00\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\tB\x08\n\x06\x63hange\"\x9b\x01\n\x11UserUpdateRequest\x12\'\n\tsubscribe\x18\x01 \x01(\x0b\x32\x12.user.v1.SubscribeH\x00\x12+\n\x0bunsubscribe\x18\x02 \x01(\x0b\x32\x14.user.v1.UnsubscribeH\x00\x12%\n\x06\x63hange\x18\x03 \x01(\x0b\x32\x13.user.v1.UserChangeH\x00\x42\t\n\x07request2\x84\x04\n\x0bUserService\x12\x31\n\x07GetUser\x12\x17.user.v1.GetUserRequest\x1a\r.user.v1.User\x12\x37\n\nCreateUser\x12\x1a.user.v1.CreateUserRequest\x1a\r.user.v1.User\x12\x37\n\tListUsers\x12\x19.user.v1.ListUsersRequest\x1a\r.user.v1.User0\x01\x12L\n\x0f\x42ulkCreateUsers\x12\x1a.user.v1.CreateUserRequest\x1a\x1b.user.v1.BulkCreateResponse(\x01\x12I\n\x0bImportUsers\x12\x1b.user.v1.ImportUsersRequest\x1a\x1b.user.v1.BulkCreateResponse(\x01\x12<\n\x0bUserUpdates\x12\x1a.user.v1.UserUpdateRequest\x1a\r.user.v1.User(\x01\x30\x01\x12\x37\n\nUpdateUser\x12\x1a.user.v1.UpdateUserRequest\x1a\r.user.v1.User\x12@\n\nDeleteUser\x12\x1a.user.v1.DeleteUserRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,19 +41,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTUSERSREQUEST']._serialized_start=264
   _globals['_LISTUSERSREQUEST']._serialized_end=321
   _globals['_IMPORTUSERSREQUEST']._serialized_start=323
-  _globals['_IMPORTUSERSREQUEST']._serialized_end=386
-  _globals['_BULKCREATERESPONSE']._serialized_start=388
-  _globals['_BULKCREATERESPONSE']._serialized_end=491
-  _globals['_BULKCREATEERROR']._serialized_start=493
-  _globals['_BULKCREATEERROR']._serialized_end=571
-  _globals['_UPDATEUSERREQUEST']._serialized_start=574
-  _globals['_UPDATEUSERREQUEST']._serialized_end=723
-  _globals['_DELETEUSERREQUEST']._serialized_start=725
-  _globals['_DELETEUSERREQUEST']._serialized_end=813
-  _globals['_USERCHANGE']._serialized_start=816
-  _globals['_USERCHANGE']._serialized_end=996
-  _globals['_USERUPDATEREQUEST']._serialized_start=999
-  _globals['_USERUPDATEREQUEST']._serialized_end=1154
-  _globals['_USERSERVICE']._serialized_start=1157
-  _globals['_USERSERVICE']._serialized_end=1673
+  _globals['_IMPORTUSERSREQUEST']._serialized_end=412
+  _globals['_BULKCREATERESPONSE']._serialized_start=414
+  _globals['_BULKCREATERESPONSE']._serialized_end=517
+  _globals['_BULKCREATEERROR']._serialized_start=519
+  _globals['_BULKCREATEERROR']._serialized_end=597
+  _globals['_UPDATEUSERREQUEST']._serialized_start=600
+  _globals['_UPDATEUSERREQUEST']._serialized_end=749
+  _globals['_DELETEUSERREQUEST']._serialized_start=751
+  _globals['_DELETEUSERREQUEST']._serialized_end=839
+  _globals['_USERCHANGE']._serialized_start=842
+  _globals['_USERCHANGE']._serialized_end=1047
+  _globals['_USERUPDATEREQUEST']._serialized_start=1050
+  _globals['_USERUPDATEREQUEST']._serialized_end=1205
+  _globals['_USERSERVICE']._serialized_start=1208
+  _globals['_USERSERVICE']._serialized_end=1724
 # @@protoc_insertion_point(module_scope)

@@ -100,18 +100,28 @@ class ImportUsersRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     USERS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEYS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def users(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreateUserRequest]:
         """Any number of rows that fits the message size limit; a few hundred per message is plenty."""
+
+    @_builtins.property
+    def idempotency_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional, one per row (empty: none for that row): the row's idempotency key. A row whose
+        key already created a user is answered with that user, not created again, so a stream
+        cut by a crash can be sent again whole. Without it, a stream's `idempotency-key`
+        metadata K gives row N the key "K/N".
+        """
 
     def __init__(
         self,
         *,
         users: _abc.Iterable[Global___CreateUserRequest] | None = ...,
+        idempotency_keys: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["users", b"users"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_keys", b"idempotency_keys", "users", b"users"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -248,8 +258,14 @@ class UserChange(_message.Message):
     CREATE_FIELD_NUMBER: _builtins.int
     UPDATE_FIELD_NUMBER: _builtins.int
     DELETE_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Chosen by the client; echoed in the change's result (Sync)."""
+    idempotency_key: _builtins.str
+    """Makes the change safe to retry: a change with the key of one already applied (by the
+    same principal, within the idempotency window) gets that one's outcome, unapplied again.
+    The unary RPCs take it as request metadata `idempotency-key`.
+    """
     @_builtins.property
     def create(self) -> Global___CreateUserRequest: ...
     @_builtins.property
@@ -263,10 +279,11 @@ class UserChange(_message.Message):
         create: Global___CreateUserRequest | None = ...,
         update: Global___UpdateUserRequest | None = ...,
         delete: Global___DeleteUserRequest | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "create", b"create", "delete", b"delete", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "create", b"create", "delete", b"delete", "request_id", b"request_id", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "create", b"create", "delete", b"delete", "idempotency_key", b"idempotency_key", "request_id", b"request_id", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["create", "update", "delete"]  # noqa: Y015
     _WhichOneofArgType_change: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015

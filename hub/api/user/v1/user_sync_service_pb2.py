@@ -26,7 +26,7 @@ from . import common_pb2 as user_dot_v1_dot_common__pb2
 from . import user_service_pb2 as user_dot_v1_dot_user__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fuser/v1/user_sync_service.proto\x12\x07user.v1\x1a\x14user/v1/common.proto\x1a\x1auser/v1/user_service.proto\"\x95\x01\n\x0bSyncRequest\x12\'\n\tsubscribe\x18\x01 \x01(\x0b\x32\x12.user.v1.SubscribeH\x00\x12+\n\x0bunsubscribe\x18\x02 \x01(\x0b\x32\x14.user.v1.UnsubscribeH\x00\x12%\n\x06\x63hange\x18\x03 \x01(\x0b\x32\x13.user.v1.UserChangeH\x00\x42\t\n\x07request\"\x8b\x01\n\x0cSyncResponse\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.user.v1.UserEvent\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\x12&\n\x07results\x18\x03 \x03(\x0b\x32\x15.user.v1.ChangeResult\x12\x19\n\x11snapshot_complete\x18\x04 \x01(\x08\"\x8b\x01\n\x0c\x43hangeResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x1b\n\x04user\x18\x04 \x01(\x0b\x32\r.user.v1.User\x12+\n\nviolations\x18\x05 \x03(\x0b\x32\x17.user.v1.FieldViolation\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t2J\n\x0fUserSyncService\x12\x37\n\x04Sync\x12\x14.user.v1.SyncRequest\x1a\x15.user.v1.SyncResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fuser/v1/user_sync_service.proto\x12\x07user.v1\x1a\x14user/v1/common.proto\x1a\x1auser/v1/user_service.proto\"\x95\x01\n\x0bSyncRequest\x12\'\n\tsubscribe\x18\x01 \x01(\x0b\x32\x12.user.v1.SubscribeH\x00\x12+\n\x0bunsubscribe\x18\x02 \x01(\x0b\x32\x14.user.v1.UnsubscribeH\x00\x12%\n\x06\x63hange\x18\x03 \x01(\x0b\x32\x13.user.v1.UserChangeH\x00\x42\t\n\x07request\"\xa4\x01\n\x0cSyncResponse\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.user.v1.UserEvent\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\x12&\n\x07results\x18\x03 \x03(\x0b\x32\x15.user.v1.ChangeResult\x12\x19\n\x11snapshot_complete\x18\x04 \x01(\x08\x12\x17\n\x0fresync_complete\x18\x05 \x01(\x08\"\x9d\x01\n\x0c\x43hangeResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x1b\n\x04user\x18\x04 \x01(\x0b\x32\r.user.v1.User\x12+\n\nviolations\x18\x05 \x03(\x0b\x32\x17.user.v1.FieldViolation\x12\x10\n\x08position\x18\x06 \x01(\t\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t2J\n\x0fUserSyncService\x12\x37\n\x04Sync\x12\x14.user.v1.SyncRequest\x1a\x15.user.v1.SyncResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SYNCREQUEST']._serialized_start=95
   _globals['_SYNCREQUEST']._serialized_end=244
   _globals['_SYNCRESPONSE']._serialized_start=247
-  _globals['_SYNCRESPONSE']._serialized_end=386
-  _globals['_CHANGERESULT']._serialized_start=389
-  _globals['_CHANGERESULT']._serialized_end=528
-  _globals['_FIELDVIOLATION']._serialized_start=530
-  _globals['_FIELDVIOLATION']._serialized_end=582
-  _globals['_USERSYNCSERVICE']._serialized_start=584
-  _globals['_USERSYNCSERVICE']._serialized_end=658
+  _globals['_SYNCRESPONSE']._serialized_end=411
+  _globals['_CHANGERESULT']._serialized_start=414
+  _globals['_CHANGERESULT']._serialized_end=571
+  _globals['_FIELDVIOLATION']._serialized_start=573
+  _globals['_FIELDVIOLATION']._serialized_end=625
+  _globals['_USERSYNCSERVICE']._serialized_start=627
+  _globals['_USERSYNCSERVICE']._serialized_end=701
 # @@protoc_insertion_point(module_scope)

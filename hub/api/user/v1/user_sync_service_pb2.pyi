@@ -58,11 +58,16 @@ class SyncResponse(_message.Message):
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
     SNAPSHOT_COMPLETE_FIELD_NUMBER: _builtins.int
+    RESYNC_COMPLETE_FIELD_NUMBER: _builtins.int
     resume_token: _builtins.str
     """Positioned after the last event of this response: subscribe with it to resume."""
     snapshot_complete: _builtins.bool
     """Set on the response that ends a snapshot (Subscribe.snapshot): every EVENT_TYPE_SNAPSHOT
     event has been sent. A stream cut before it must snapshot again rather than resume.
+    """
+    resync_complete: _builtins.bool
+    """Set on the response that ends a resync by state (Subscribe.catch_up): every resync event
+    has been sent; what follows is live. A stream cut before it resumes with its token again.
     """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.UserEvent]:
@@ -79,10 +84,11 @@ class SyncResponse(_message.Message):
         resume_token: _builtins.str = ...,
         results: _abc.Iterable[Global___ChangeResult] | None = ...,
         snapshot_complete: _builtins.bool = ...,
+        resync_complete: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "results", b"results", "resume_token", b"resume_token", "snapshot_complete", b"snapshot_complete"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "results", b"results", "resume_token", b"resume_token", "resync_complete", b"resync_complete", "snapshot_complete", b"snapshot_complete"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -97,10 +103,15 @@ class ChangeResult(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     VIOLATIONS_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     code: _builtins.int
     """A google.rpc.Code value: 0 OK, 3 INVALID_ARGUMENT, 5 NOT_FOUND, 6 ALREADY_EXISTS, ..."""
     message: _builtins.str
+    position: _builtins.str
+    """On success: a position covering the change (as the unary RPCs' trailing `hub-position`),
+    for Subscribe.min_position.
+    """
     @_builtins.property
     def user(self) -> _common_pb2.User:
         """The user after the change (for a delete: as deleted); unset on failure."""
@@ -117,10 +128,11 @@ class ChangeResult(_message.Message):
         message: _builtins.str = ...,
         user: _common_pb2.User | None = ...,
         violations: _abc.Iterable[Global___FieldViolation] | None = ...,
+        position: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "request_id", b"request_id", "user", b"user", "violations", b"violations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "position", b"position", "request_id", b"request_id", "user", b"user", "violations", b"violations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
