@@ -58,6 +58,16 @@ def new_user_id() -> str:
             + p[(r >> 10) & 1023] + p[r & 1023])
 
 
+def new_user_id_in(partition: int, partitions: int) -> str:
+    """A new ULID whose partition is `partition`: a create with an idempotency key is written
+    with its key in one atomic call, so on Redis Cluster both must live on one partition.
+    About `partitions` tries (each a counter step and a crc32)."""
+    while True:
+        candidate = new_user_id()
+        if partition_of(candidate, partitions) == partition:
+            return candidate
+
+
 def _time_prefix(ms: int) -> str:
     """A ULID's first 10 characters: the 48-bit millisecond time."""
     return "".join([_CROCKFORD[(ms >> s) & 31] for s in range(45, -1, -5)])
@@ -80,11 +90,27 @@ class User:
 
 
 @dataclass(frozen=True, slots=True)
+class Idempotency:
+    """A write's idempotency key as the store keeps it. `key` names it: a digest of the
+    principal, the write's target (creates: none; updates and deletes: the user id) and the
+    client's key, so principals never share keys. `fingerprint` is a digest of the request it
+    was first used with: a retry must carry the same one."""
+
+    key: str
+    fingerprint: str
+
+    def partition(self, partitions: int) -> int:
+        """Where a create's key is kept (and so where its user must live: one atomic write)."""
+        return zlib.crc32(self.key.encode()) % partitions
+
+
+@dataclass(frozen=True, slots=True)
 class NewUser:
     """A user to create, with the password already hashed (never the password itself)."""
 
     user: User
     password_hash: str | None = None
+    idempotency: Idempotency | None = None
 
     @classmethod
     def build(
@@ -134,6 +160,19 @@ class Event:
     offset: int
     epoch: str
     ts: int  # when the write was made (microseconds), for delivery-latency measurements
+
+
+@dataclass(frozen=True, slots=True)
+class StatePage:
+    """A page of one partition's state changes since an offset (a resync by state): the users
+    changed since, at their current state, and tombstones (the user as its deletion event
+    carried it) of the users deleted since, both in the order of their last change. `cursor`
+    continues the read (None: done)."""
+
+    epoch: str
+    users: list[User]
+    deleted: list[User]
+    cursor: int | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,13 +14,18 @@ import binascii
 
 import msgpack
 
-from hub.domain import Position
+from collections.abc import Iterable
+
+from hub.domain import Event, Position
 from hub.errors import InvalidArgument
 
 # The metadata key under which a resume token travels: trailing metadata of ListUsers (the
 # position before its listing) and of a stream cut with RESOURCE_EXHAUSTED. Defined once here,
 # for the server and the client alike.
 RESUME_TOKEN_KEY = "hub-resume-token"
+# Trailing metadata of every write: a position covering it (see `covering`), for
+# Subscribe.min_position (read-your-writes on any instance).
+POSITION_KEY = "hub-position"
 
 _VERSION = 1
 
@@ -50,3 +55,17 @@ def decode(token: str, partitions: int, field: str = "resume_token") -> Position
             field, f"token has {len(offsets)} partitions, this deployment {partitions}"
         )
     return Position(epoch, tuple(offsets))
+
+
+def covering(events: Iterable[Event], partitions: int) -> str:
+    """A token covering `events` (one write's, or a bulk stream's): in each partition they
+    touch, the offset of the last of them; 0 in the others. As Subscribe.min_position it is
+    reached once an instance has routed them all. As a resume token it would replay the
+    other partitions from the start of their history: it is for waiting, not resuming."""
+    offsets = [0] * partitions
+    epoch = ""
+    for event in events:
+        epoch = event.epoch
+        if event.offset > offsets[event.partition]:
+            offsets[event.partition] = event.offset
+    return encode(Position(epoch, tuple(offsets)))

@@ -58,6 +58,16 @@ class Settings:
         64, "Redis connections per process; store calls beyond it wait for a free one")
     history_size: int = _setting(10_000, "events kept per partition for resuming subscribers")
     history_max_age: float = _setting(86_400.0, "seconds an event stays in the history")
+    tombstone_retention: float = _setting(
+        7 * 86_400.0, "seconds a deleted user's tombstone is kept, so a subscriber whose token"
+        " has left the history can still resync by state (Subscribe.catch_up); longer than"
+        " --history-max-age")
+    idempotency_window: float = _setting(
+        86_400.0, "seconds a write's idempotency key (idempotency-key metadata) is remembered:"
+        " a retry within it gets the first outcome, a reuse after it writes again")
+    min_position_timeout: float = _setting(
+        5.0, "seconds a stream with Subscribe.min_position waits for this instance to route up"
+        " to it before it fails UNAVAILABLE")
     shutdown_grace: float = _setting(
         10.0, "seconds in-flight calls get on SIGTERM/SIGINT before they are cancelled")
     max_message_bytes: int = _setting(4 * 1024 * 1024, "largest message sent or received")
@@ -154,7 +164,8 @@ class Settings:
                     "subscriber_max_events", "subscriber_max_bytes", "max_subscription_users",
                     "max_subscribes_per_stream", "max_page_size", "bulk_max_rows",
                     "max_concurrent_streams", "max_connection_age", "write_burst",
-                    "max_stream_users", "import_max_rows", "max_metadata_bytes")
+                    "max_stream_users", "import_max_rows", "max_metadata_bytes",
+                    "tombstone_retention", "idempotency_window", "min_position_timeout")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")

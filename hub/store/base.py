@@ -7,7 +7,16 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
-from hub.domain import Event, EventBatch, NewUser, Position, User, UserPatch
+from hub.domain import (
+    Event,
+    EventBatch,
+    Idempotency,
+    NewUser,
+    Position,
+    StatePage,
+    User,
+    UserPatch,
+)
 from hub.errors import HubError
 
 # A bulk row's outcome: its event on success, the refusal otherwise.
@@ -15,7 +24,14 @@ BulkResult = Event | HubError
 
 
 class Store(Protocol):
-    """Raises hub.errors.* (NotFound, AlreadyExists, VersionConflict, StoreUnavailable)."""
+    """Raises hub.errors.* (NotFound, AlreadyExists, VersionConflict, StoreUnavailable).
+
+    Idempotency: a write given an Idempotency whose key an earlier write already used returns
+    that write's event (its user, version, offset and epoch) and writes nothing; with another
+    fingerprint it raises InvalidArgument (field idempotency-key). The key is kept with the
+    write, in the same atomic step, for the store's idempotency window. A create's user must
+    live in its key's partition (domain.new_user_id_in).
+    """
 
     partitions: int
     # How many times the store has seen its primary replaced (Sentinel): the history the
@@ -31,10 +47,14 @@ class Store(Protocol):
         ...
 
     async def update(
-        self, user_id: str, patch: UserPatch, expected_version: int | None = None
+        self, user_id: str, patch: UserPatch, expected_version: int | None = None,
+        idempotency: Idempotency | None = None,
     ) -> Event: ...
 
-    async def delete(self, user_id: str, expected_version: int | None = None) -> Event: ...
+    async def delete(
+        self, user_id: str, expected_version: int | None = None,
+        idempotency: Idempotency | None = None,
+    ) -> Event: ...
 
     async def list_after(self, after_id: str, limit: int) -> list[User]:
         """Up to `limit` users with id > after_id, in id order."""
@@ -49,6 +69,17 @@ class Store(Protocol):
     ) -> list[tuple[Event, str, str]]:
         """history(), each event with the tag of the write that made it and the tag of the
         write before that in its partition ("" where the store keeps none)."""
+        ...
+
+    async def state_since(
+        self, partition: int, after_offset: int, cursor: int | None, limit: int
+    ) -> StatePage | None:
+        """Resync by state: the users of `partition` changed after `after_offset` (current
+        state) and those deleted after it (tombstones), about `limit` per page, from `cursor`
+        (None: the first page; then the page's cursor). None when the store cannot tell: a
+        tombstone after `after_offset` was already dropped (--tombstone-retention), or change
+        tracking began after it. A user changed while pages are read may appear twice (its
+        versions tell), never not at all."""
         ...
 
     async def position(self) -> Position:
