@@ -9,10 +9,11 @@ knows protobuf.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from hub import errors, metrics
-from hub.domain import Event, NewUser, UserPatch, UserStatus
+from hub.domain import Event, Idempotency, NewUser, UserPatch, UserStatus
 from hub.passwords import PasswordHashing
 from hub.principal import WRITE, caller
 from hub.ratelimit import RateLimiter
@@ -36,6 +37,7 @@ class Create:
     name: str = ""
     password: str = ""
     status: int = UserStatus.UNSPECIFIED  # UNSPECIFIED: ACTIVE
+    idempotency_key: str = ""  # the client's (request metadata idempotency-key); "": none
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,12 +50,14 @@ class Update:
     name: str = ""
     status: int = UserStatus.UNSPECIFIED
     expected_version: int | None = None
+    idempotency_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Delete:
     user_id: str
     expected_version: int | None = None
+    idempotency_key: str = ""
 
 
 Change = Create | Update | Delete
@@ -80,16 +84,35 @@ class Commands:
 
     async def new_user(self, create: Create) -> NewUser:
         _check_new(create)
+        idem = self._idempotency(create.idempotency_key, "", create.email, create.name,
+                                 create.password, create.status)
         pw_hash = await self._hashing.hash(create.password) if create.password else None
-        return NewUser.build(create.email, create.name, UserStatus(create.status), pw_hash)
+        return NewUser.build(create.email, create.name, UserStatus(create.status), pw_hash,
+                             idem, self.store.partitions)
 
-    @staticmethod
-    def new_user_without_password(create: Create) -> NewUser:
+    def new_user_without_password(self, create: Create) -> NewUser:
         """new_user for a row that has no password to hash, without a coroutine per row:
         the bulk paths take this for most rows."""
         assert not create.password
         _check_new(create)
-        return NewUser.build(create.email, create.name, UserStatus(create.status))
+        idem = self._idempotency(create.idempotency_key, "", create.email, create.name, "",
+                                 create.status)
+        return NewUser.build(create.email, create.name, UserStatus(create.status), None,
+                             idem, self.store.partitions)
+
+    @staticmethod
+    def _idempotency(key: str, target: str, *request: object) -> Idempotency | None:
+        """The store's form of a client's idempotency key: named by the principal, the
+        write's target and the key (principals never share keys; an update's key is the
+        user's), fingerprinted by the request, so a retry is told from a reuse."""
+        if not key:
+            return None
+        check(idempotency_key_violation(key))
+        name = hashlib.sha256(
+            "\0".join((caller().subject, target, key)).encode()).hexdigest()[:32]
+        # Salted with the name: a fingerprint says nothing of a password outside its key.
+        fingerprint = hashlib.sha256(repr((name, *request)).encode()).hexdigest()[:32]
+        return Idempotency(name, fingerprint)
 
     async def create(self, create: Create) -> Event:
         new = await self.new_user(create)
@@ -112,13 +135,17 @@ class Commands:
             name=update.name if "name" in paths else None,
             status=UserStatus(update.status) if "status" in paths else None,
         )
+        idem = self._idempotency(update.idempotency_key, update.user_id, "update", paths,
+                                 patch, update.expected_version)
         self.charge()
-        return await self.store.update(update.user_id, patch, update.expected_version)
+        return await self.store.update(update.user_id, patch, update.expected_version, idem)
 
     async def delete(self, delete: Delete) -> Event:
         check(user_id_violation(delete.user_id), version_violation(delete.expected_version))
+        idem = self._idempotency(delete.idempotency_key, delete.user_id, "delete",
+                                 delete.expected_version)
         self.charge()
-        return await self.store.delete(delete.user_id, delete.expected_version)
+        return await self.store.delete(delete.user_id, delete.expected_version, idem)
 
     async def apply(self, change: Change) -> Event:
         """A change sent on a stream, applied exactly like the unary RPC of its kind (and
@@ -132,6 +159,18 @@ class Commands:
         if isinstance(change, Update):
             return await self.update(change)
         return await self.delete(change)
+
+
+# Long enough for a UUID, a hash or "import-<digest>/<row>"; what a key may hold, printable
+# ASCII, is what metadata carries anyway.
+_MAX_IDEMPOTENCY_KEY = 255
+
+
+def idempotency_key_violation(key: str) -> errors.FieldViolation | None:
+    if len(key) > _MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
+        return errors.FieldViolation(
+            "idempotency-key", f"must be 1-{_MAX_IDEMPOTENCY_KEY} printable ASCII characters")
+    return None
 
 
 def _check_new(create: Create) -> None:

@@ -114,11 +114,15 @@ class NewUser:
 
     @classmethod
     def build(
-        cls, email: str, name: str, status: UserStatus, password_hash: str | None = None
+        cls, email: str, name: str, status: UserStatus, password_hash: str | None = None,
+        idempotency: Idempotency | None = None, partitions: int = 0,
     ) -> NewUser:
+        """With `idempotency`, the id is made in the key's partition (of `partitions`)."""
         ts = now_us()
         status = status or UserStatus.ACTIVE
-        return cls(User(new_user_id(), email, name, status, ts, ts, 1), password_hash)
+        user_id = (new_user_id() if idempotency is None
+                   else new_user_id_in(idempotency.partition(partitions), partitions))
+        return cls(User(user_id, email, name, status, ts, ts, 1), password_hash, idempotency)
 
 
 @dataclass(frozen=True, slots=True)

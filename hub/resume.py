@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Iterable
 
 import msgpack
-
-from collections.abc import Iterable
 
 from hub.domain import Event, Position
 from hub.errors import InvalidArgument
@@ -26,6 +25,8 @@ RESUME_TOKEN_KEY = "hub-resume-token"
 # Trailing metadata of every write: a position covering it (see `covering`), for
 # Subscribe.min_position (read-your-writes on any instance).
 POSITION_KEY = "hub-position"
+# Request metadata of a write: the client's idempotency key (see hub.commands).
+IDEMPOTENCY_KEY = "idempotency-key"
 
 _VERSION = 1
 

@@ -9,18 +9,24 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
+from typing import Any, TypeAlias
+
+import grpc
 
 from hub import errors
 from hub.api.user.v1 import user_service_pb2
 from hub.commands import Commands
-from hub.domain import NewUser
+from hub.domain import Event, NewUser
 from hub.principal import caller
+from hub.resume import POSITION_KEY, covering
 from hub.rpc.errors import code_of
 from hub.rpc.wire import Undecodable, create_of
 from hub.settings import Settings
 from hub.store.base import BulkResult
 
 log = logging.getLogger(__name__)
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 # A partial bulk batch is written once it is this old, so a slow producer's rows still show up
 # to subscribers promptly instead of waiting for the batch to fill.
@@ -37,8 +43,12 @@ class Bulk:
     """One bulk stream's rows: validated, written in batches of bulk_batch_size, and their
     outcomes collected into one BulkCreateResponse that stays under the message limit."""
 
-    def __init__(self, ops: Commands, settings: Settings) -> None:
+    def __init__(self, ops: Commands, settings: Settings, idempotency_key: str = "") -> None:
         self._ops, self._store = ops, ops.store
+        # The stream's key K gives row N the key "K/N" (a row's own key wins: ImportUsers).
+        self._stream_key = idempotency_key
+        # Where the rows written are: per partition the last offset, for hub-position.
+        self._covered: list[Event] = []
         self._max_rows, self._batch_size = settings.bulk_max_rows, settings.bulk_batch_size
         self.response = user_service_pb2.BulkCreateResponse()
         self.index = -1  # the last row read
@@ -67,12 +77,18 @@ class Bulk:
         return True
 
     async def add_many(
-        self, requests: Sequence[user_service_pb2.CreateUserRequest]
+        self, requests: Sequence[user_service_pb2.CreateUserRequest],
+        keys: Sequence[str] = (),
     ) -> bool:
-        for request in requests:
+        if len(keys) > len(requests):
+            self.refuse(self.index + 1, errors.InvalidArgument.of(
+                "idempotency_keys", f"{len(keys)} keys for {len(requests)} rows: this"
+                " message's rows and the rest were not read"))
+            return False
+        for n, request in enumerate(requests):
             if not self._fits() and not await self._admit():
                 return False
-            await self._take(request)
+            await self._take(request, keys[n] if n < len(keys) else "")
             if len(self._batch) >= self._batch_size:
                 await self.flush()
         # A message is the producer's own batch: write it now rather than wait for the next.
@@ -80,14 +96,18 @@ class Bulk:
             await self.flush()
         return True
 
-    async def _take(self, request: user_service_pb2.CreateUserRequest | Undecodable) -> None:
+    async def _take(self, request: user_service_pb2.CreateUserRequest | Undecodable,
+                    key: str = "") -> None:
         try:
             if isinstance(request, Undecodable):
                 raise request.error
+            if not key and self._stream_key:
+                key = f"{self._stream_key}/{self.index}"
+            create = create_of(request, key)
             # Most bulk rows have no password: they skip the coroutine that hashing needs.
-            self._batch.append((self.index, self._ops.new_user_without_password(create_of(request))
+            self._batch.append((self.index, self._ops.new_user_without_password(create)
                                 if not request.password
-                                else await self._ops.new_user(create_of(request))))
+                                else await self._ops.new_user(create)))
         except errors.HubError as exc:
             self.refuse(self.index, exc)
 
@@ -145,6 +165,7 @@ class Bulk:
             else:
                 ids.append(result.user.id)
                 self._size += len(result.user.id) + 2
+                self._cover(result)
 
     async def _wait_for_tokens(self, rows: int) -> None:
         """A bulk stream is slowed to the caller's write rate rather than refused: the
@@ -167,10 +188,23 @@ class Bulk:
             # the outcome is unknown, which the message then says.)
             return [exc] * len(batch)
 
-    async def finish(self) -> user_service_pb2.BulkCreateResponse:
+    def _cover(self, event: Event) -> None:
+        """Keeps, per partition, the row written last (bounded by the partition count)."""
+        covered = self._covered
+        if not covered:
+            covered.extend([event] * self._store.partitions)
+        last = covered[event.partition]
+        if event.offset > last.offset or last.partition != event.partition:
+            covered[event.partition] = event
+
+    async def finish(self, context: Context | None = None) -> user_service_pb2.BulkCreateResponse:
         await self.flush()
         await self.settle()
         self.response.created_count = len(self.response.user_ids)
+        if context is not None and self._covered:
+            context.set_trailing_metadata(((POSITION_KEY, covering(
+                [e for p, e in enumerate(self._covered) if e.partition == p],
+                self._store.partitions)),))
         return self.response
 
     def abandon(self) -> None:

@@ -109,7 +109,8 @@ def make_store(settings: Settings) -> Store:
             pool_size=settings.redis_pool_size, replicas_ack=settings.redis_replicas_ack,
             replicas_ack_timeout=settings.redis_replicas_ack_timeout,
         )
-    return MemoryStore(settings.partition_count, settings.history_size, settings.history_max_age)
+    return MemoryStore(settings.partition_count, settings.history_size, settings.history_max_age,
+                       settings.tombstone_retention, settings.idempotency_window)
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:

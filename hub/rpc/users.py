@@ -12,7 +12,8 @@ from google.protobuf import empty_pb2
 from hub import errors, resume
 from hub.api.user.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
 from hub.commands import Commands
-from hub.resume import RESUME_TOKEN_KEY
+from hub.domain import Event
+from hub.resume import IDEMPOTENCY_KEY, POSITION_KEY, RESUME_TOKEN_KEY
 from hub.rpc.bulk import Bulk
 from hub.rpc.streams import LiveStreams
 from hub.rpc.wire import (
@@ -56,18 +57,27 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
     async def CreateUser(
         self, request: user_service_pb2.CreateUserRequest, context: Context
     ) -> common_pb2.User:
-        return user_to_pb((await self._ops.create(create_of(request))).user)
+        event = await self._ops.create(create_of(request, _idempotency_key(context)))
+        return user_to_pb(self._written(context, event).user)
 
     async def UpdateUser(
         self, request: user_service_pb2.UpdateUserRequest, context: Context
     ) -> common_pb2.User:
-        return user_to_pb((await self._ops.update(update_of(request))).user)
+        event = await self._ops.update(update_of(request, _idempotency_key(context)))
+        return user_to_pb(self._written(context, event).user)
 
     async def DeleteUser(
         self, request: user_service_pb2.DeleteUserRequest, context: Context
     ) -> empty_pb2.Empty:
-        await self._ops.delete(delete_of(request))
+        self._written(context, await self._ops.delete(
+            delete_of(request, _idempotency_key(context))))
         return empty_pb2.Empty()
+
+    def _written(self, context: Context, event: Event) -> Event:
+        """Tells the caller where its write is (trailing hub-position, for min_position)."""
+        context.set_trailing_metadata(
+            ((POSITION_KEY, resume.covering((event,), self._store.partitions)),))
+        return event
 
     async def ListUsers(
         self, request: user_service_pb2.ListUsersRequest, context: Context
@@ -97,12 +107,12 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         request_iterator: AsyncIterable[user_service_pb2.CreateUserRequest],
         context: Context,
     ) -> user_service_pb2.BulkCreateResponse:
-        bulk = Bulk(self._ops, self._settings)
+        bulk = Bulk(self._ops, self._settings, _idempotency_key(context))
         try:
             async for request in request_iterator:
                 if not await bulk.add(request):
                     break
-            return await bulk.finish()
+            return await bulk.finish(context)
         finally:
             bulk.abandon()
 
@@ -112,7 +122,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         context: Context,
     ) -> user_service_pb2.BulkCreateResponse:
         # BulkCreateUsers' rows, many per message: gRPC's per-message cost is paid per batch.
-        bulk = Bulk(self._ops, self._settings)
+        bulk = Bulk(self._ops, self._settings, _idempotency_key(context))
         most = self._settings.import_max_rows
         try:
             # The messages come unparsed (hub.rpc.wire.Unparsed): an oversized one is refused on
@@ -131,9 +141,9 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
                         " (--import-max-rows): this message's rows and the rest were not read;"
                         f" send at most {most} per message"))
                     break
-                if not await bulk.add_many(request.users):
+                if not await bulk.add_many(request.users, request.idempotency_keys):
                     break
-            return await bulk.finish()
+            return await bulk.finish(context)
         finally:
             bulk.abandon()
 
@@ -143,3 +153,11 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         context: Context,
     ) -> None:
         await self._live.serve(request_iterator, context, batched=False)
+
+
+def _idempotency_key(context: Context) -> str:
+    """The request's idempotency-key metadata ("" without one)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == IDEMPOTENCY_KEY:
+            return value if isinstance(value, str) else value.decode("latin-1")
+    return ""

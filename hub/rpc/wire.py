@@ -28,11 +28,12 @@ _SYNC_RESPONSE_EVENTS = b"\x0a"
 # -- requests to commands ---------------------------------------------------------------------
 
 
-def create_of(request: user_service_pb2.CreateUserRequest) -> Create:
-    return Create(request.email, request.name, request.password, int(request.status))
+def create_of(request: user_service_pb2.CreateUserRequest, idempotency_key: str = "") -> Create:
+    return Create(request.email, request.name, request.password, int(request.status),
+                  idempotency_key)
 
 
-def update_of(request: user_service_pb2.UpdateUserRequest) -> Update:
+def update_of(request: user_service_pb2.UpdateUserRequest, idempotency_key: str = "") -> Update:
     """The FieldMask read as AIP-134 says: `["*"]` is every maskable field, an empty mask every
     field the request sets (non-default). Which paths are allowed is hub.validation's rule."""
     user = request.user
@@ -42,22 +43,24 @@ def update_of(request: user_service_pb2.UpdateUserRequest) -> Update:
     elif not paths:
         paths = tuple(p for p in MASKABLE if getattr(user, p))
     expected = request.expected_version if request.HasField("expected_version") else None
-    return Update(user.id, paths, user.email, user.name, int(user.status), expected)
+    return Update(user.id, paths, user.email, user.name, int(user.status), expected,
+                  idempotency_key)
 
 
-def delete_of(request: user_service_pb2.DeleteUserRequest) -> Delete:
+def delete_of(request: user_service_pb2.DeleteUserRequest, idempotency_key: str = "") -> Delete:
     expected = request.expected_version if request.HasField("expected_version") else None
-    return Delete(request.user_id, expected)
+    return Delete(request.user_id, expected, idempotency_key)
 
 
 def change_of(change: user_service_pb2.UserChange) -> Change:
     kind = change.WhichOneof("change")
+    key = change.idempotency_key
     if kind == "create":
-        return create_of(change.create)
+        return create_of(change.create, key)
     if kind == "update":
-        return update_of(change.update)
+        return update_of(change.update, key)
     if kind == "delete":
-        return delete_of(change.delete)
+        return delete_of(change.delete, key)
     raise InvalidArgument.of("change", "names no create, update or delete")
 
 
@@ -201,19 +204,25 @@ def parse_rows(request: Unparsed | ImportMessage, most: int) -> ImportMessage:
 def more_fields_than(data: bytes, most: int) -> bool:
     """Whether the serialized message `data` has more than `most` top-level fields (for an
     ImportUsersRequest, its rows: field 1, tag 0x0a, a length, then the row). Counting stops
-    at most + 1, so it costs that many steps at most, whatever the message's size. Any other
-    field counts too (parsing it costs as much); malformed bytes stop the count, and are left
-    for the parser to refuse."""
+    at most + 1, so it costs that many steps at most, whatever the message's size. The other
+    fields (a row's idempotency key) have a count of their own with the same limit (parsing
+    them costs too); malformed bytes stop the count, and are left for the parser to
+    refuse."""
     end = len(data)
     # Every field takes two bytes at least (a tag, then a length or a value), so a message
     # shorter than this cannot have more: the usual message costs no scan at all.
     if end < 2 * (most + 1):
         return False
-    pos = count = 0
+    pos = count = others = 0
     while pos < end:
-        count += 1
-        if count > most:
-            return True
+        if data[pos] == 0x0A:
+            count += 1
+            if count > most:
+                return True
+        else:
+            others += 1
+            if others > most:
+                return True
         if data[pos] == 0x0A and pos + 2 < end:  # a row: inline for lengths of 1-2 bytes
             low = data[pos + 1]
             if low < 0x80:

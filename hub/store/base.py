@@ -17,10 +17,17 @@ from hub.domain import (
     User,
     UserPatch,
 )
-from hub.errors import HubError
+from hub.errors import HubError, InvalidArgument
 
 # A bulk row's outcome: its event on success, the refusal otherwise.
 BulkResult = Event | HubError
+
+
+def idempotency_reused() -> InvalidArgument:
+    """A key already used, by the same principal within the window, for another request."""
+    return InvalidArgument.of(
+        "idempotency-key", "already used for a different request (within the idempotency"
+        " window): a retry must repeat the request exactly; use a new key for a new write")
 
 
 class Store(Protocol):

@@ -46,6 +46,7 @@ from hub.domain import (
     Event,
     EventBatch,
     EventType,
+    Idempotency,
     NewUser,
     Position,
     User,
@@ -373,7 +374,8 @@ class RecordOps:
         raise NotImplementedError
 
     async def update(
-        self, user_id: str, patch: UserPatch, expected_version: int | None = None
+        self, user_id: str, patch: UserPatch, expected_version: int | None = None,
+        idempotency: Idempotency | None = None,
     ) -> Event:
         def op(current: User, pw_hash: str | None) -> _Op:
             updated = patch.apply(current)
@@ -382,7 +384,10 @@ class RecordOps:
 
         return await self._compare_and_set(user_id, expected_version, op)
 
-    async def delete(self, user_id: str, expected_version: int | None = None) -> Event:
+    async def delete(
+        self, user_id: str, expected_version: int | None = None,
+        idempotency: Idempotency | None = None,
+    ) -> Event:
         def op(current: User, _hash: str | None) -> _Op:
             key = email_key(current.email)
             return _Op(EventType.DELETED, tombstone(current), current.version, key, key, None)
