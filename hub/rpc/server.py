@@ -101,6 +101,8 @@ def make_store(settings: Settings) -> Store:
             history_size=settings.history_size, history_max_age=settings.history_max_age,
             pool_size=settings.redis_pool_size, replicas_ack=settings.redis_replicas_ack,
             replicas_ack_timeout=settings.redis_replicas_ack_timeout,
+            tombstone_retention=settings.tombstone_retention,
+            idempotency_window=settings.idempotency_window,
         )
     if settings.redis_url:
         return RedisStore.from_url(
@@ -108,6 +110,8 @@ def make_store(settings: Settings) -> Store:
             history_size=settings.history_size, history_max_age=settings.history_max_age,
             pool_size=settings.redis_pool_size, replicas_ack=settings.redis_replicas_ack,
             replicas_ack_timeout=settings.redis_replicas_ack_timeout,
+            tombstone_retention=settings.tombstone_retention,
+            idempotency_window=settings.idempotency_window,
         )
     return MemoryStore(settings.partition_count, settings.history_size, settings.history_max_age,
                        settings.tombstone_retention, settings.idempotency_window)

@@ -49,6 +49,7 @@ from hub.domain import (
     Idempotency,
     NewUser,
     Position,
+    StatePage,
     User,
     UserPatch,
     UserStatus,
@@ -67,7 +68,7 @@ from hub.errors import (
     StoreUnavailable,
     VersionConflict,
 )
-from hub.store.base import BulkResult
+from hub.store.base import BulkResult, idempotency_reused
 from hub.store.locks import KeyedLock
 
 log = logging.getLogger(__name__)
@@ -91,12 +92,69 @@ if not current or current == ARGV[1] then
 end
 return current
 """
+# Resync by state, one page of one partition (see RedisStore.state_since), writing nothing.
+# KEYS: 1 floors, 2 the partition's chg zset, 3 dead zset, 4 tomb hash, 5 epoch (or meta
+# hash: then ARGV[6] is 'cluster'); ARGV: 1 partition, 2 the offset to resync after, 3 the
+# page's start (exclusive), 4 page size, 5 user key prefix.
+# Returns false when the floor is past ARGV[2] (tombstones since may be gone), else {epoch,
+# changed ids and offsets, their records, deleted ids and offsets, their deletion events}.
+STATE_LUA = """#!lua flags=no-writes
+local floor, epoch
+if ARGV[6] == 'cluster' then
+  local meta = redis.call('HMGET', KEYS[5], 'e', 'f')
+  epoch, floor = meta[1], tonumber(meta[2] or 0)
+else
+  floor = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or 0)
+  epoch = redis.call('GET', KEYS[5])
+end
+if tonumber(ARGV[2]) < floor then return false end
+local from = '(' .. ARGV[3]
+local changed = redis.call('ZRANGE', KEYS[2], from, '+inf', 'BYSCORE', 'LIMIT', 0, ARGV[4],
+                           'WITHSCORES')
+local dead = redis.call('ZRANGE', KEYS[3], from, '+inf', 'BYSCORE', 'LIMIT', 0, ARGV[4],
+                        'WITHSCORES')
+local records, tombs = {}, {}
+for j = 1, #changed, 2 do
+  records[#records + 1] = redis.call('HGET', ARGV[5] .. changed[j], 'd') or false
+end
+for j = 1, #dead, 2 do
+  tombs[#tombs + 1] = redis.call('HGET', KEYS[4], dead[j]) or false
+end
+return {epoch or false, changed, records, dead, tombs}
+"""
+
+
+def state_page(reply: Any, limit: int, epoch: str | None = None) -> StatePage | None:
+    """STATE_LUA's reply as a page: changed users and tombstones merged in offset order, the
+    first `limit` of them, and where the next page starts."""
+    if reply is None:
+        return None
+    kept, changed, records, dead, tombs = reply
+    entries: list[tuple[int, bool, bytes]] = []
+    for j, record in enumerate(records):
+        if record is not None:
+            entries.append((int(float(changed[2 * j + 1])), False, record))
+    for j, tomb in enumerate(tombs):
+        if tomb is not None:
+            entries.append((int(float(dead[2 * j + 1])), True, tomb))
+    entries.sort(key=lambda entry: entry[0])
+    more = len(records) >= limit or len(tombs) >= limit or len(entries) > limit
+    page = entries[:limit]
+    users = [_user_from(msgpack.unpackb(raw)) for _, dead_, raw in page if not dead_]
+    deleted = [_user_from(msgpack.unpackb(raw)[1]) for _, dead_, raw in page if dead_]
+    shown = epoch if epoch is not None else (kept.decode() if kept else "")
+    return StatePage(shown, users, deleted, page[-1][0] if more and page else None)
+
+
 _T = TypeVar("_T")
 _APPLIED, _EPOCH_MOVED, _DIVERGED = range(3)
 # A write meets a moved epoch or a replaced history at most once per change of it; a few
 # tries cover two instances changing it at once.
 _WRITE_TRIES = 4
 _OK, _NOT_FOUND, _EMAIL_TAKEN, _VERSION_MISMATCH, _ID_TAKEN = range(5)
+# Idempotency: done already under the op's key (value: the key's record), the key used for
+# another request, the same as an earlier op of the call (value: its number from 1).
+_REPLAYED, _KEY_REUSED, _SAME_AS = 6, 7, 9
 # An update without expected_version retries its read-modify-write when another writer wins
 # the race; this many losses in a row means the user is too hot to update, so say ABORTED.
 _CAS_ATTEMPTS = 16
@@ -380,9 +438,11 @@ class RecordOps:
         def op(current: User, pw_hash: str | None) -> _Op:
             updated = patch.apply(current)
             return _Op(EventType.UPDATED, updated, current.version,
-                       email_key(current.email), email_key(updated.email), pw_hash)
+                       email_key(current.email), email_key(updated.email), pw_hash,
+                       idempotency)
 
-        return await self._compare_and_set(user_id, expected_version, op)
+        return await self._replayed(user_id, idempotency) or await self._compare_and_set(
+            user_id, expected_version, op)
 
     async def delete(
         self, user_id: str, expected_version: int | None = None,
@@ -390,9 +450,31 @@ class RecordOps:
     ) -> Event:
         def op(current: User, _hash: str | None) -> _Op:
             key = email_key(current.email)
-            return _Op(EventType.DELETED, tombstone(current), current.version, key, key, None)
+            return _Op(EventType.DELETED, tombstone(current), current.version, key, key, None,
+                       idempotency)
 
-        return await self._compare_and_set(user_id, expected_version, op)
+        return await self._replayed(user_id, idempotency) or await self._compare_and_set(
+            user_id, expected_version, op)
+
+    async def _replayed(self, user_id: str, idem: Idempotency | None) -> Event | None:
+        """The outcome of the write that already used `idem`'s key, read before the write's
+        own checks: a retried delete must not find its user gone, nor a retried update its
+        version moved (the script checks the key again, atomically with the write)."""
+        if idem is None:
+            return None
+        record = await self._idem_record(user_id, idem.key)
+        if record is None:
+            return None
+        if msgpack.unpackb(record, raw=True)[0].decode() != idem.fingerprint:
+            raise idempotency_reused()
+        return replayed_event(record, self._replay_epoch())
+
+    async def _idem_record(self, user_id: str, key: str) -> bytes | None:
+        """The record of idempotency key `key` of a write to `user_id`, if any."""
+        raise NotImplementedError
+
+    def _replay_epoch(self) -> str | None:
+        return None
 
 
 class RedisStore(RecordOps):
@@ -412,6 +494,8 @@ class RedisStore(RecordOps):
         replicas_ack: int = 0,
         replicas_ack_timeout: float = 1.0,
         where: str = "",
+        tombstone_retention: float = 7 * 86_400.0,
+        idempotency_window: float = 86_400.0,
     ) -> None:
         self.partitions = partitions
         # redis-py types every reply as a bytes/str union whatever decode_responses says; this
@@ -427,6 +511,10 @@ class RedisStore(RecordOps):
         self._emails, self._ids = f"{prefix}:emails", f"{prefix}:ids"
         self._offsets, self._epoch = f"{prefix}:offsets", f"{prefix}:epoch"
         self._heads_key = f"{prefix}:heads"
+        self._floors = f"{prefix}:floors"
+        self._idem_window_ms = int(idempotency_window * 1000)
+        self._retention_ms = int(tombstone_retention * 1000)
+        self._read_state = client.register_script(STATE_LUA)
         self._config = f"{prefix}:config"
         self._replicas_ack, self._ack_timeout_ms = replicas_ack, int(replicas_ack_timeout * 1000)
         # What this process has seen of the history: its epoch, and per partition the last
@@ -443,6 +531,23 @@ class RedisStore(RecordOps):
 
     def _failing(self, write: bool = False) -> contextlib.AbstractContextManager[None]:
         return _unavailable(write, self.where)
+
+    async def _idem_record(self, user_id: str, key: str) -> bytes | None:
+        name = f"{self._p}:idem:{key}"
+        with self._failing():
+            return cast(bytes | None, await _read_again(lambda: self._r.get(name)))
+
+    async def state_since(
+        self, partition: int, after_offset: int, cursor: int | None, limit: int
+    ) -> StatePage | None:
+        p = partition
+        keys = [self._floors, f"{self._p}:chg:{p}", f"{self._p}:dead:{p}",
+                f"{self._p}:tomb:{p}", self._epoch]
+        start = after_offset if cursor is None else max(cursor, after_offset)
+        with self._failing():
+            reply = await _read_again(lambda: self._read_state(
+                keys=keys, args=[p, after_offset, start, limit, f"{self._p}:user:"]))
+        return state_page(reply, limit)
 
     @classmethod
     def from_url(cls, url: str, pool_size: int = 64, **kwargs: Any) -> RedisStore:
@@ -550,6 +655,13 @@ class RedisStore(RecordOps):
             if made != self.partitions:
                 raise KeyspaceMismatch(keyspace_mismatch(self._p, made, self.partitions))
             await self._r.set(self._epoch, secrets.token_hex(4), nx=True)
+            # Change tracking (resync by state) starts here for a keyspace that had none:
+            # a resync from before it is refused. A new keyspace starts at 0.
+            offsets = await self._r.hmget(self._offsets, list(range(self.partitions)))
+            async with self._r.pipeline(transaction=False) as pipe:
+                for p, offset in enumerate(offsets):
+                    pipe.hsetnx(self._floors, p, int(offset or 0))
+                await pipe.execute()
 
     async def rotate_epoch(self, seen: str) -> str:
         """Starts a new epoch if the current one is still `seen` (else returns the one another
@@ -579,7 +691,8 @@ class RedisStore(RecordOps):
 
     async def create_many(self, rows: Sequence[NewUser]) -> list[BulkResult]:
         ops = [
-            _Op(EventType.CREATED, r.user, 0, "", email_key(r.user.email), r.password_hash)
+            _Op(EventType.CREATED, r.user, 0, "", email_key(r.user.email), r.password_hash,
+                r.idempotency)
             for r in rows
         ]
         # Creates never race (they check existence in the script), so no _Raced comes back.
@@ -617,7 +730,7 @@ class RedisStore(RecordOps):
         packed = msgpack.packb([
             [_TYPE_CODE[op.type], op.user.id, op.expected, op.old_email, op.new_email,
              b"" if op.type is EventType.DELETED else op.record(), p,
-             pack_event(op.type, op.user, ts)]
+             pack_event(op.type, op.user, ts), *op.idem_args()]
             for op, p in zip(ops, partitions, strict=True)
         ], use_bin_type=False)
         touched = sorted(set(partitions))
@@ -654,13 +767,16 @@ class RedisStore(RecordOps):
                 known_head = self._heads.get(p)
                 if known_head is None or value > known_head[0]:
                     self._heads[p] = (value, tag)
-            out.append(_result(status, value, op, p, epoch, ts))
+            out.append(out[value - 1] if status == _SAME_AS
+                       else _result(status, value, op, p, epoch, ts))
         return out
 
     async def _run_write(self, tag: str, packed: bytes, known: bytes, ts: int) -> Any:
-        keys = [self._emails, self._ids, self._offsets, self._epoch, self._heads_key]
+        keys = [self._emails, self._ids, self._offsets, self._epoch, self._heads_key,
+                self._floors]
         args: list[Any] = [secrets.token_hex(4), self._history_size, f"{self._p}:", ts // 1000,
-                self._history_max_age_ms, packed, tag, self._seen_epoch, known]
+                self._history_max_age_ms, packed, tag, self._seen_epoch, known,
+                self._idem_window_ms, self._retention_ms]
         with self._failing(write=True):
             if not self._replicas_ack:
                 return await self._write(keys=keys, args=args)
@@ -756,14 +872,20 @@ class RedisStore(RecordOps):
 
 
 class _Op:
-    __slots__ = ("expected", "new_email", "old_email", "pw_hash", "type", "user")
+    __slots__ = ("expected", "idem", "new_email", "old_email", "pw_hash", "type", "user")
 
     def __init__(
         self, type_: EventType, user: User, expected: int,
         old_email: str, new_email: str, pw_hash: str | None,
+        idem: Idempotency | None = None,
     ) -> None:
         self.type, self.user, self.expected = type_, user, expected
         self.old_email, self.new_email, self.pw_hash = old_email, new_email, pw_hash
+        self.idem = idem
+
+    def idem_args(self) -> tuple[str, str]:
+        """The op's idempotency key name and fingerprint, as the scripts take them."""
+        return (self.idem.key, self.idem.fingerprint) if self.idem else ("", "")
 
     def record(self) -> bytes:
         return msgpack.packb([*_user_fields(self.user), self.pw_hash])
@@ -776,11 +898,27 @@ class _Raced:
         self.stored = stored
 
 
+def replayed_event(record: bytes, epoch: str | None = None) -> Event:
+    """The event of the write an idempotency key record (see write.lua) was kept for, with
+    its epoch (or `epoch`: the cluster's digest)."""
+    _, partition, offset, kept_epoch, packed = msgpack.unpackb(record, raw=True)
+    type_, fields, ts = msgpack.unpackb(packed)
+    shown = kept_epoch.decode() if epoch is None else epoch
+    return Event(EventType(type_), _user_from(fields), partition, offset, shown, ts)
+
+
 def _result(
-    status: int, value: int, op: _Op, partition: int, epoch: str, ts: int
+    status: int, value: Any, op: _Op, partition: int, epoch: str, ts: int,
+    replay_epoch: str | None = None,
 ) -> BulkResult | _Raced:
+    """An op's outcome from its script status and value. A replayed op's event is shown with
+    the epoch its key kept, or `replay_epoch` (the cluster's digest)."""
     if status == _OK:
         return Event(op.type, op.user, partition, value, epoch, ts)
+    if status == _REPLAYED:
+        return replayed_event(value, replay_epoch)
+    if status == _KEY_REUSED:
+        return idempotency_reused()
     if status == _NOT_FOUND:
         return NotFound(op.user.id)
     if status == _EMAIL_TAKEN:

@@ -16,25 +16,37 @@
 --
 -- KEYS: 1 email index (hash email_key -> id), 2 id index (zset, lex order), 3 offsets (hash
 --       partition -> last offset), 4 epoch (string), 5 heads (hash partition -> the tag of
---       the last write to it).
+--       the last write to it), 6 floors (hash partition -> the offset up to which tombstones
+--       may have been dropped: a resync by state from before it is refused).
 -- ARGV: 1 epoch to set if none exists, 2 history max length, 3 key prefix ("hub:"), 4 now (ms),
 --       5 history max age (ms), 6 the ops, one msgpack array of
 --       [kind (c/u/d), id, expected version, old email key, new email key, record, partition,
---        event],
+--        event, idempotency key name ("": none), request fingerprint],
 --       7 this call's tag (random, identifies this write in every partition it touches),
 --       8 the epoch the caller knows ("" if none), 9 what the caller knows of the partitions
---       this call touches: msgpack array of [partition, last offset, its tag].
+--       this call touches: msgpack array of [partition, last offset, its tag],
+--       10 how long an idempotency key is kept (ms), 11 how long a tombstone is kept (ms).
+-- Also derived: {prefix}idem:{name} (string: msgpack [fingerprint, partition, offset, epoch,
+-- event] of the write that used the key), and per partition {prefix}chg:{p} (zset: id -> the
+-- offset of its last create or update), {prefix}dead:{p} (zset: deleted id -> the offset of
+-- its deletion) and {prefix}tomb:{p} (hash: deleted id -> its deletion event): what a resync
+-- by state reads.
 -- The user keys ({prefix}user:{id}) and partition streams ({prefix}log:{p}) are derived here
 -- rather than passed in KEYS: a bulk write touches hundreds, and passing each as an argument
 -- costs more than the write itself. hub runs against one Redis (not a cluster), where that is
 -- allowed.
 -- Returns {epoch, verdict, ...}:
 --   verdict 0: applied; then status, value per op: status 0 ok (value: offset), 1 not found,
---              2 email taken, 3 version mismatch (value: stored version), 4 id taken.
+--              2 email taken, 3 version mismatch (value: stored version), 4 id taken,
+--              6 already done under its idempotency key (value: the key's record), 7 its
+--              idempotency key was used for another request, 9 the same as an earlier op of
+--              this call with the same key (value: that op's number, from 1).
 --   verdict 1: nothing written: the epoch is not the one the caller knows (epoch false: none).
 --   verdict 2: nothing written: the history is behind what the caller saw (a Redis that came
 --              back with older data); then the partition and its offset here.
 local emails, ids, offsets, epoch_key, heads = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local floors = KEYS[6]
+local idem_window, retention = tonumber(ARGV[10]), tonumber(ARGV[11])
 local maxlen, prefix = ARGV[2], ARGV[3]
 local now, max_age = tonumber(ARGV[4]), tonumber(ARGV[5])
 local ops = cmsgpack.unpack(ARGV[6])
@@ -60,6 +72,7 @@ local owner = {}     -- email key -> id, or false: this call's changes to the em
 local version = {}   -- id -> stored version, or false (absent): this call's changes
 local batches, order = {}, {}
 local applied = {}   -- the ops to write, in order, each with its offset
+local claimed = {}   -- idempotency key -> {fingerprint, op number}: this call's keys
 
 local function email_owner(key)
   local o = owner[key]
@@ -99,15 +112,39 @@ local function partition_batch(partition)
   return batch
 end
 
+-- An op whose idempotency key is known gets the key's outcome and is not decided further.
+local function replayed(op)
+  local name, fingerprint = op[9], op[10]
+  if name == '' then return nil end
+  local key = prefix .. 'idem:' .. name
+  local prior = claimed[key]
+  if prior then
+    if prior[1] == fingerprint then return 9, prior[2] end
+    return 7, 0
+  end
+  local record = redis.call('GET', key)
+  if not record then return nil end
+  if cmsgpack.unpack(record)[1] == fingerprint then return 6, record end
+  return 7, 0
+end
+
 for i = 1, #ops do
   local op = ops[i]
   local kind, id, expected = op[1], op[2], op[3]
   local old_email, new_email = op[4], op[5]
   local user_key = prefix .. 'user:' .. id
-  local status, value = 0, 0
-  local stored = stored_version(id, user_key)
+  local status, value = replayed(op)
+  local stored = false
+  if status then
+    kind = 'replayed'
+  else
+    status, value = 0, 0
+    stored = stored_version(id, user_key)
+  end
 
-  if kind == 'c' then
+  if kind == 'replayed' then
+    -- decided above
+  elseif kind == 'c' then
     if stored then
       status = 4
     elseif email_owner(new_email) then
@@ -142,6 +179,7 @@ for i = 1, #ops do
     value = batch.last
     batch.events[#batch.events + 1] = op[8]
     applied[#applied + 1] = {op, user_key, value, batch}
+    if op[9] ~= '' then claimed[prefix .. 'idem:' .. op[9]] = {op[10], i} end
   end
   out[#out + 1] = status
   out[#out + 1] = value
@@ -175,6 +213,18 @@ for _, a in ipairs(applied) do
     redis.call('DEL', user_key)
     redis.call('HDEL', emails, old_email)
     redis.call('ZREM', ids, id)
+  end
+  local p = op[7]
+  if kind == 'd' then
+    redis.call('ZREM', prefix .. 'chg:' .. p, id)
+    redis.call('ZADD', prefix .. 'dead:' .. p, offset, id)
+    redis.call('HSET', prefix .. 'tomb:' .. p, id, op[8])
+  else
+    redis.call('ZADD', prefix .. 'chg:' .. p, offset, id)
+  end
+  if op[9] ~= '' then
+    redis.call('SET', prefix .. 'idem:' .. op[9],
+               cmsgpack.pack({op[10], p, offset, out[1], op[8]}), 'PX', idem_window)
   end
   -- g: the tag of the write that made this entry, q: the tag of the write before it in this
   -- partition; a reader that knows the tag at its position can tell a continuation from a
@@ -211,6 +261,24 @@ local function trim_by_age(key)
   end
 end
 
+-- Tombstones older than the retention go from the oldest (a few per write keeps up); the
+-- partition's floor moves past them, so a resync from before it is refused, not incomplete.
+local function trim_tombstones(partition)
+  local dead, tombs = prefix .. 'dead:' .. partition, prefix .. 'tomb:' .. partition
+  local oldest = redis.call('ZRANGE', dead, 0, 7, 'WITHSCORES')
+  local floor = nil
+  for j = 1, #oldest, 2 do
+    local event = redis.call('HGET', tombs, oldest[j])
+    if event and cmsgpack.unpack(event)[3] >= (now - retention) * 1000 then break end
+    redis.call('ZREM', dead, oldest[j])
+    redis.call('HDEL', tombs, oldest[j])
+    floor = oldest[j + 1]
+  end
+  if floor and tonumber(floor) > tonumber(redis.call('HGET', floors, partition) or 0) then
+    redis.call('HSET', floors, partition, floor)
+  end
+end
+
 -- Message: msgpack(epoch, partition, first offset, count, previous tag, tag) followed by the
 -- events' msgpack, back to back: a listener that needs none of them skips the batch without
 -- decoding it, yet still checks that it continues what it has.
@@ -219,6 +287,7 @@ for _, partition in ipairs(order) do
   redis.call('HSET', offsets, partition, batch.last)
   redis.call('HSET', heads, partition, tag)
   trim_by_age(batch.key)
+  trim_tombstones(partition)
   redis.call('PUBLISH', prefix .. 'ev:' .. partition,
     cmsgpack.pack(out[1], partition, batch.first, #batch.events, batch.prev, tag)
     .. table.concat(batch.events))
