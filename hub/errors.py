@@ -8,7 +8,8 @@
      ├── Contention           too many concurrent writers on one user; retry the call
      ├── TooManyRows          a bulk stream's response would exceed the message size limit
      ├── StoreUnavailable     the store (Redis) cannot serve now (unreachable, a replica, busy)
- │    └── ShuttingDown    this instance is stopping (UNAVAILABLE too: resume elsewhere)
+     │    ├── ShuttingDown        this instance is stopping (UNAVAILABLE too: resume elsewhere)
+     │    └── PositionNotReached  Subscribe.min_position not routed here in time
      ├── StoreFull            the store (Redis) is out of memory; nothing was written
      ├── SlowConsumer         a subscriber fell further behind than its buffer allows
      ├── RateLimited          a principal writes faster than its rate limit
@@ -16,12 +17,15 @@
      ├── Unauthenticated      no, malformed, expired or forged bearer token
      ├── PermissionDenied     a valid token without the scope the method needs
      └── HistoryLost          a subscriber cannot be given every event since its token
-                              (the client's hub.client.ContinuityLost is what it is told)
+                              (its reason, the action it can take, the earliest position
+                              left; the client's hub.client.ContinuityLost is what it is told)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from hub.domain import Position
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +94,16 @@ class ShuttingDown(StoreUnavailable):
                          " with the resume token (trailing hub-resume-token)")
 
 
+class PositionNotReached(StoreUnavailable):
+    """A stream's Subscribe.min_position was not reached by this instance in time: it has not
+    yet routed the events up to it (UNAVAILABLE: try again, here or on another instance)."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(
+            f"this hub instance has not routed up to subscribe.min_position within {timeout:g}s"
+            " (its event bus is behind, or the position is from another deployment); retry")
+
+
 class KeyspaceMismatch(HubError):
     """The Redis keyspace was made by a hub configured otherwise (its partition count): a
     start-up refusal, never a call's."""
@@ -110,16 +124,37 @@ class SlowConsumer(HubError):
         )
 
 
+# HistoryLost reasons, and what a subscriber can do about them (its `action`).
+EPOCH_CHANGED = "EPOCH_CHANGED"
+HISTORY_EXPIRED = "HISTORY_EXPIRED"
+RESYNC_BY_STATE = "RESYNC_BY_STATE"
+SNAPSHOT = "SNAPSHOT"
+
+
 class HistoryLost(HubError):
-    """The events since a subscriber's position are gone: it must start again from a snapshot.
+    """The events since a subscriber's position are gone.
 
     reason: EPOCH_CHANGED (the history was reset, e.g. Redis restarted empty) or
     HISTORY_EXPIRED (the events were trimmed from the bounded history).
+    action: RESYNC_BY_STATE (the position's epoch is current: the store can send what changed
+    since it, Subscribe.catch_up = CATCH_UP_STATE) or SNAPSHOT (start again from a snapshot:
+    an epoch change, or a position beyond the tombstone retention). By default
+    RESYNC_BY_STATE for HISTORY_EXPIRED, SNAPSHOT for EPOCH_CHANGED.
+    epoch, earliest: the current epoch and the earliest position the history still reaches
+    back to, filled in (`described`) just before the error reaches a client; "" and None
+    until then. One error may end many subscriptions, so it is copied, never changed.
     """
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, action: str = "", epoch: str = "",
+                 earliest: Position | None = None) -> None:
         self.reason = reason
+        self.action = action or (RESYNC_BY_STATE if reason == HISTORY_EXPIRED else SNAPSHOT)
+        self.epoch, self.earliest = epoch, earliest
         super().__init__(detail)
+
+    def described(self, epoch: str, earliest: Position | None) -> HistoryLost:
+        """This error, with the current epoch and earliest position."""
+        return HistoryLost(self.reason, str(self), self.action, epoch, earliest)
 
 
 class RateLimited(HubError):

@@ -40,17 +40,26 @@ from typing import Any
 
 from hub import metrics
 from hub.domain import Event, EventBatch, Position, partition_of
-from hub.errors import HistoryLost, SlowConsumer, StoreUnavailable
+from hub.errors import (
+    EPOCH_CHANGED,
+    HISTORY_EXPIRED,
+    RESYNC_BY_STATE,
+    SNAPSHOT,
+    HistoryLost,
+    SlowConsumer,
+    StoreUnavailable,
+)
 from hub.replay import SharedHistory
 from hub.store.base import Store
 
 log = logging.getLogger(__name__)
 
-EPOCH_CHANGED = "EPOCH_CHANGED"
-HISTORY_EXPIRED = "HISTORY_EXPIRED"
+__all__ = ["EPOCH_CHANGED", "HISTORY_EXPIRED", "RESYNC_BY_STATE", "SNAPSHOT", "Encoded",
+           "Encoder", "Fanout", "Limits", "Subscription"]
 _REPLAY_CHUNK = 500
 _AUDIT_INTERVAL = 1.0
 _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 2.0
+_EARLIEST_TTL = 1.0  # seconds an earliest() answer is shared
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +252,8 @@ class Fanout:
         self._lock = asyncio.Lock()  # one router at a time: listener or auditor
         self.ready = asyncio.Event()
         self.connected = False
+        # (epoch, loop time, read) of the last earliest() (see there).
+        self._earliest: tuple[str, float, asyncio.Task[Position]] | None = None
 
     # -- positions --------------------------------------------------------------------------
 
@@ -254,6 +265,40 @@ class Fanout:
         # While nothing moves, every caller shares one object: each subscription keeps its
         # origin, and 10k idle streams opened at one position need not hold 10k copies.
         return last
+
+    async def continuity(self, error: HistoryLost) -> HistoryLost:
+        """`error` with what a client needs to act on it: the current epoch and the earliest
+        position the history still reaches back to (left out if the store cannot be read)."""
+        if error.earliest is not None:
+            return error
+        try:
+            earliest: Position | None = await self.earliest()
+        except StoreUnavailable:
+            earliest = None
+        return error.described(self.epoch, earliest)
+
+    async def earliest(self) -> Position:
+        """The earliest position the history reaches back to: per partition, the offset just
+        before its first event still kept (the partition's position where none is).
+
+        One read per partition, shared by every caller for a second: an epoch change ends
+        every subscription at once, and each is told this."""
+        loop = asyncio.get_running_loop()
+        held = self._earliest
+        if held is None or held[0] != self.epoch or loop.time() - held[1] > _EARLIEST_TTL or (
+                held[2].done() and (held[2].cancelled() or held[2].exception() is not None)):
+            held = self._earliest = (self.epoch, loop.time(),
+                                     loop.create_task(self._read_earliest()))
+        return await asyncio.shield(held[2])
+
+    async def _read_earliest(self) -> Position:
+        epoch, offsets = self.epoch, list(self._pos)
+        firsts = await asyncio.gather(*(self._store.history(p, 0, 1)
+                                        for p in range(self.partitions)))
+        for p, first in enumerate(firsts):
+            if first:
+                offsets[p] = first[0].offset - 1
+        return Position(epoch, tuple(offsets))
 
     def queued(self) -> int:
         """Events waiting in every subscription's buffer (for the metrics endpoint)."""
@@ -345,7 +390,8 @@ class Fanout:
                     raise HistoryLost(
                         HISTORY_EXPIRED,
                         f"events after offset {progress[p]} of partition {p} have left the"
-                        " bounded history; start again from a snapshot",
+                        " bounded history; resync by state (subscribe.catch_up) or start"
+                        " again from a snapshot",
                     )
                 if events[-1].offset > target:  # never, by the contract; but never past it
                     keep = target - progress[p]
@@ -561,8 +607,8 @@ class Fanout:
         log.error("fan-out: events %d..%d of partition %d left the history before delivery",
                   self._pos[p] + 1, lost_to, p)
         error = HistoryLost(
-            HISTORY_EXPIRED, f"events of partition {p} were lost before delivery; start"
-            " again from a snapshot",
+            HISTORY_EXPIRED, f"events of partition {p} were lost before delivery; resync by"
+            " state (subscribe.catch_up) or start again from a snapshot",
         )
         for sub in [*self._all, *{s for subs in self._by_user.values() for s in subs}]:
             if p in sub.partitions(self.partitions):

@@ -2,6 +2,12 @@
 (`to_status`, most specific class along the MRO) and `Aborting`, which every handler runs
 inside (grpclib's `Stream.__aexit__` shape).
 
+OUT_OF_RANGE (HistoryLost) carries a google.rpc.ErrorInfo whose `reason` is EPOCH_CHANGED or
+HISTORY_EXPIRED and whose `metadata` has `action` (RESYNC_BY_STATE: subscribe again with the
+token and catch_up = CATCH_UP_STATE; SNAPSHOT: start again from a snapshot), `epoch` (the
+history's current epoch) and `earliest_position` (a resume token at the earliest position the
+history still reaches back to; absent when the store could not be read).
+
 Unknown exceptions become INTERNAL with a generic message: their text may hold internals.
 """
 
@@ -18,7 +24,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from hub import errors
+from hub import errors, resume
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +133,14 @@ def _detail(exc: errors.HubError) -> Any:
             ]
         )
     if isinstance(exc, errors.HistoryLost):
-        return error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN)
+        # What a client in any language acts on without parsing the message: `action` says
+        # whether a resync by state can continue it, `earliest_position` is a token the
+        # history still reaches back to, `epoch` the history's current one.
+        metadata = {"action": exc.action, "epoch": exc.epoch}
+        if exc.earliest is not None:
+            metadata["earliest_position"] = resume.encode(exc.earliest)
+        return error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN,
+                                           metadata=metadata)
     if isinstance(exc, errors.SlowConsumer):
         return error_details_pb2.ErrorInfo(
             reason="SLOW_CONSUMER", domain=ERROR_DOMAIN,

@@ -214,6 +214,10 @@ class LiveStreams:
         if isinstance(error, errors.SlowConsumer):
             error.resume_token = token
             metrics.SLOW_CONSUMERS.inc()
+        elif isinstance(error, errors.HistoryLost):
+            # Its continuity details (current epoch, earliest position): a copy, since one
+            # error can end many streams.
+            error = await self.fanout.continuity(error)
         # The handler's Aborting turns it into the status (or drops it if the client is
         # gone: nobody to tell). Not set on the error itself: one error can end many streams.
         raise WithTrailing(error, ((RESUME_TOKEN_KEY, token),) if token else ())
