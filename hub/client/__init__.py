@@ -41,24 +41,64 @@ finished call against the limit until the server has released it, and refuses ca
 with REFUSED_STREAM, which gRPC reports as UNAVAILABLE.) A call refused that way was never
 seen by the hub, so the client sends it again, writes included, within its deadline.
 
-Retries. gRPC's own retry machinery does them, configured by a service config on the channel
-(`RETRY_SERVICE_CONFIG`), which brings exponential backoff with jitter and honours the deadline:
+Retries. Reads are retried by gRPC's own retry machinery, configured by a service config on
+the channel (`RETRY_SERVICE_CONFIG`), which brings exponential backoff with jitter and honours
+the deadline; writes with an idempotency key by the client itself (below):
 
 * GetUser and ListUsers are retried on UNAVAILABLE, up to 5 attempts in all, backoff starting
   at 0.1 s, doubling, capped at 2 s. ListUsers is retried only until its first user arrives
   (gRPC then commits to the attempt); after that, resume with `page_token=<last id seen>`.
-* CreateUser, BulkCreateUsers, UpdateUser and DeleteUser are never retried by the client. When
-  a write fails with UNAVAILABLE the server may have applied it anyway, and a blind retry could
-  create a second user or apply an update twice. Deciding is left to the caller, who knows
-  whether the write is safe to repeat (e.g. an update guarded by `expected_version`).
+* A write (CreateUser, UpdateUser, DeleteUser, BulkCreateUsers, ImportUsers) without an
+  idempotency key is never retried by the client. When a write fails with UNAVAILABLE or
+  DEADLINE_EXCEEDED the server may have applied it anyway, and a blind retry could create a
+  second user or apply an update twice.
+* A write with one is: see below.
+
+Idempotency keys. Every write method takes `idempotency_key=` (keyword; None or "": none),
+sent as the request metadata `idempotency-key`. The hub remembers a key, per principal, for
+its idempotency window (`--idempotency-window`, 24 h by default): a repeat of the same request
+with the same key returns the first outcome (the same user, version and position) and writes
+nothing; the same key with another request is INVALID_ARGUMENT (field `idempotency-key`).
+After the window a key is forgotten and its reuse writes again. A key names one write: use a
+fresh one (`uuid.uuid4().hex`) per intended change, and the same one for its retries.
+
+    ada = users.create_user("ada@example.com", idempotency_key=key)   # retried by itself
+
+A write with a key is retried by the client on UNAVAILABLE and DEADLINE_EXCEEDED (the codes
+that leave its outcome unknown), within the call's one deadline (`timeout`):
+
+* at most `write_attempts` attempts in all (default 5, a client option; 1: never retried);
+* after a pause of 0.1 s doubling to 2 s, each jittered to 50-100% of its step;
+* while another attempt is allowed, an attempt's own deadline is at most half the call's, so
+  an attempt lost to a hung hub or store leaves time for one more; the last attempt gets all
+  that is left. A pause that would not fit in the deadline is not taken: the last error is
+  raised.
+
+A bulk stream (`bulk_create`, `import_users`) with a key is the stream's: row N gets "K/N"
+(`import_users` rows may carry their own keys instead: `(request, key)` pairs). It is sent
+again by itself only on UNAVAILABLE, only when its rows can be iterated again (a list, a
+tuple: an iterable that is not an iterator), and with all the stream's deadline each time; rows
+the first attempt created are reported created again.
+
+Positions (read-your-writes). Every write method has a `*_with_position` twin returning a
+`Written(result, position)`: `position` is the hub's trailing `hub-position`, a token covering
+the write. `SyncFeed(..., min_position=written.position)` on any instance then holds its
+first response until that instance has routed the write, so the write is in what it shows.
+The plain methods keep their return types (User, None, BulkCreateResponse).
 """
 
 # The package, one owner per concern: errors.py (the exception tree and `_mapped()`, the one
 # place a grpc error becomes a ClientError), channel.py (options, credentials, the call cap
 # and the resending of refused calls), clients.py (the two clients), feed.py (SyncFeed).
 
-from hub.client.channel import CHANNEL_OPTIONS, RETRY_SERVICE_CONFIG, Credentials
-from hub.client.clients import AsyncUserClient, UserClient
+from hub.client.channel import (
+    CHANNEL_OPTIONS,
+    DEFAULT_WRITE_ATTEMPTS,
+    IDEMPOTENCY_KEY,
+    RETRY_SERVICE_CONFIG,
+    Credentials,
+)
+from hub.client.clients import AsyncUserClient, ImportRow, UserClient, Written
 from hub.client.errors import (
     AlreadyExistsError,
     ClientError,
@@ -72,12 +112,15 @@ from hub.client.feed import ContinuityLost, SyncBatch, SyncFeed
 
 __all__ = [
     "CHANNEL_OPTIONS",
+    "DEFAULT_WRITE_ATTEMPTS",
+    "IDEMPOTENCY_KEY",
     "RETRY_SERVICE_CONFIG",
     "AlreadyExistsError",
     "AsyncUserClient",
     "ClientError",
     "ContinuityLost",
     "Credentials",
+    "ImportRow",
     "InvalidArgumentError",
     "SyncBatch",
     "SyncFeed",
@@ -85,5 +128,6 @@ __all__ = [
     "UserClient",
     "UserNotFoundError",
     "VersionConflictError",
+    "Written",
     "from_rpc_error",
 ]

@@ -3,8 +3,9 @@
 `CHANNEL_OPTIONS` carries the retry policy (`RETRY_SERVICE_CONFIG`), keepalive, message
 limits and reconnect backoff; `Credentials` says how a channel proves itself. One client is
 one channel, one HTTP/2 connection, so the cap on calls in flight (`DEFAULT_MAX_IN_FLIGHT`)
-and the resending of calls the hub's transport refused unseen (`_Resend`) live here too: both
-exist because of how the hub's HTTP/2 layer counts a connection's streams.
+and the resending of calls the hub's transport refused unseen live here too: both exist
+because of how the hub's HTTP/2 layer counts a connection's streams. `_Attempts` plans the
+attempts of one call: those resends, and the retries of writes that carry an idempotency key.
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ DEFAULT_MAX_IN_FLIGHT: Final = 64
 # at most, after 10 ms, 20 ms, 40 ms, ... (with jitter), and never past its deadline.
 _REFUSED_RETRIES: Final = 6
 _REFUSED_BACKOFF: Final = 0.01
+# A write that carries an idempotency key (request metadata IDEMPOTENCY_KEY) is safe to send
+# again: the hub answers a repeat with the first outcome, unapplied again. Such a write is
+# sent at most this many times in all (reads' schedule: 0.1 s doubling to 2 s, jittered) on
+# the codes that leave its outcome unknown. Writes without a key are never sent again (except
+# when refused unseen, above).
+DEFAULT_WRITE_ATTEMPTS: Final = 5
+_WRITE_BACKOFF: Final = 0.1
+_WRITE_BACKOFF_CAP: Final = 2.0
+_RETRIED_WRITE_CODES: Final = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# The request metadata that carries a write's idempotency key (a fixed wire name).
+IDEMPOTENCY_KEY: Final = "idempotency-key"
 
 _RETRY_POLICY: Final[dict[str, Any]] = {
     "maxAttempts": 5,
@@ -139,36 +152,64 @@ def _channel_options(extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return list({**dict(CHANNEL_OPTIONS), **dict(extra)}.items())
 
 
-class _Resend:
-    """The attempts of one unary call, all within its deadline, which starts counting before
-    the call waits for a slot. Each attempt is given what is left of it; one the hub's
-    transport refused unseen may be sent again, after a backoff that must fit too.
+class _Attempts:
+    """The attempts of one call, all within its deadline, which starts counting before the
+    call waits for a slot. Each attempt is given its share of what is left; a failed one may
+    be sent again after a backoff that must fit too:
 
-        resend = _Resend(budget)
+    * one the hub's transport refused unseen (REFUSED_STREAM), any call: up to
+      `_REFUSED_RETRIES` more times, after 10 ms doubling (jittered);
+    * a write that carries an idempotency key (`write_attempts` > 1), on UNAVAILABLE or
+      DEADLINE_EXCEEDED: up to `write_attempts` attempts in all, after 0.1 s doubling to 2 s
+      (jittered: each pause 50-100% of its step). While another attempt is allowed, one gets at
+      most `share` of the call's deadline, so an attempt lost to a hung hub or store leaves
+      time for the next; the last gets all that is left.
+
+        attempts = _Attempts(budget)
         while True:
             try:
-                return method(request, timeout=resend.remaining())
+                return method(request, timeout=attempts.timeout())
             except grpc.RpcError as err:
-                pause = resend.pause(err)
+                pause = attempts.pause(err)
                 if pause is None:
                     raise
             time.sleep(pause)
     """
 
-    def __init__(self, budget: float) -> None:
+    def __init__(self, budget: float, write_attempts: int = 1, share: float = 0.5) -> None:
+        self._budget = budget
         self._deadline = time.monotonic() + budget
-        self._attempt = 0
+        self._share = share
+        self._refused = 0
+        self._writes = 1  # attempts of a keyed write made so far (the first is being made)
+        self._write_attempts = write_attempts
 
     def remaining(self) -> float:
         return max(0.0, self._deadline - time.monotonic())
 
+    def timeout(self) -> float:
+        """The deadline of the next attempt, in seconds from now."""
+        if self._writes < self._write_attempts:
+            return min(self.remaining(), self._budget * self._share)
+        return self.remaining()
+
     def pause(self, err: grpc.RpcError) -> float | None:
         """Seconds to wait before sending the failed call again; None: give up, raise `err`."""
-        pause = _refused_backoff(self._attempt)
-        if (not _refused(err) or self._attempt == _REFUSED_RETRIES
-                or time.monotonic() + pause >= self._deadline):
+        if _refused(err):
+            if self._refused == _REFUSED_RETRIES:
+                return None
+            pause = _refused_backoff(self._refused)
+            if time.monotonic() + pause >= self._deadline:
+                return None
+            self._refused += 1
+            return pause
+        if (self._writes >= self._write_attempts
+                or cast("grpc.Call", err).code() not in _RETRIED_WRITE_CODES):
             return None
-        self._attempt += 1
+        pause = _write_backoff(self._writes - 1)
+        if time.monotonic() + pause >= self._deadline:
+            return None
+        self._writes += 1
         return pause
 
 
@@ -183,6 +224,10 @@ def _refused(err: grpc.RpcError) -> bool:
 
 def _refused_backoff(attempt: int) -> float:
     return random.uniform(0.5, 1.0) * _REFUSED_BACKOFF * (1 << attempt)
+
+
+def _write_backoff(retry: int) -> float:
+    return random.uniform(0.5, 1.0) * min(_WRITE_BACKOFF_CAP, _WRITE_BACKOFF * (1 << retry))
 
 
 def _no_slot(timeout: float, slots: int) -> ClientError:

@@ -1,8 +1,11 @@
 """`UserClient` (blocking) and `AsyncUserClient` (asyncio): the same methods, side by side.
 
 Both run each call inside `_mapped()` (hub.client.errors), the one place a grpc error becomes
-a ClientError, and each unary call in one of the client's slots under `_Resend`
-(hub.client.channel). What differs is only how they wait: threads or the event loop.
+a ClientError, and each unary call in one of the client's slots, its attempts planned by
+`_Attempts` (hub.client.channel). What differs is only how they wait: threads or the event loop.
+
+Every write takes an optional `idempotency_key` and has a `*_with_position` twin returning a
+`Written` (the result and the write's position); see "Idempotency keys" in hub.client.
 """
 
 from __future__ import annotations
@@ -14,14 +17,14 @@ import time
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
-    Awaitable,
     Callable,
     Iterable,
     Iterator,
     Sequence,
 )
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, Generic, Self, TypeAlias, TypeVar
 
 import grpc
 import grpc.aio
@@ -33,13 +36,16 @@ from hub.api.user.v1 import user_service_pb2_grpc as pb_grpc
 from hub.client.channel import (
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_TARGET,
+    DEFAULT_WRITE_ATTEMPTS,
+    IDEMPOTENCY_KEY,
     Credentials,
     _aio_channel,
+    _Attempts,
     _no_slot,
-    _Resend,
     _sync_channel,
 )
 from hub.client.errors import _mapped
+from hub.resume import POSITION_KEY
 
 DEFAULT_TIMEOUT: Final = 5.0
 # A ListUsers of a large store, or a big bulk load, legitimately runs for minutes.
@@ -49,6 +55,29 @@ DEFAULT_STREAM_TIMEOUT: Final = 300.0
 IMPORT_BATCH = 500
 
 Resp = TypeVar("Resp")
+Row = TypeVar("Row")
+T = TypeVar("T")
+# An ImportUsers row: a create, or a create and its own idempotency key.
+ImportRow: TypeAlias = pb.CreateUserRequest | tuple[pb.CreateUserRequest, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Written(Generic[T]):
+    """A write's outcome and its position, as the `*_with_position` methods return them.
+
+        written = users.create_user_with_position("ada@example.com", idempotency_key=key)
+        ada = written.result
+        feed = SyncFeed("hub-b:50051", min_position=written.position)  # shows the create
+
+    `position` is the write's trailing `hub-position` (hub.resume.POSITION_KEY): a token
+    covering the write (a bulk stream's: all its rows), for `Subscribe.min_position` on any
+    instance (`SyncFeed(min_position=...)`, `hub watch --min-position`). It is for waiting, not
+    resuming: as a resume token it would replay most of the history. "" from a hub that sends
+    none. A retried keyed write's position is its first outcome's.
+    """
+
+    result: T
+    position: str
 
 
 class UserClient:
@@ -63,14 +92,18 @@ class UserClient:
         options: Sequence[tuple[str, Any]] = (),
         credentials: Credentials | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        write_attempts: int = DEFAULT_WRITE_ATTEMPTS,
     ) -> None:
-        """`max_in_flight`: unary calls run at once (0: no cap; see "Concurrency")."""
+        """`max_in_flight`: unary calls run at once (0: no cap; see "Concurrency").
+        `write_attempts`: attempts in all of a write that carries an idempotency key (1: never
+        retried; see "Idempotency keys")."""
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self._channel = _sync_channel(target, options, credentials)
         self.stub: pb_grpc.UserServiceStub = pb_grpc.UserServiceStub(self._channel)
         self._max_in_flight = max_in_flight
         self._slots = threading.BoundedSemaphore(max_in_flight) if max_in_flight else None
+        self._write_attempts = _check_attempts(write_attempts)
 
     def __enter__(self) -> Self:
         return self
@@ -87,17 +120,24 @@ class UserClient:
         """Close the channel, cancelling calls still in flight."""
         self._channel.close()
 
-    def _unary(self, method: Callable[..., Resp], request: Any, timeout: float | None) -> Resp:
+    def _unary(
+        self, method: grpc.UnaryUnaryMultiCallable[Any, Resp], request: Any,
+        timeout: float | None, key: str | None = None,
+    ) -> Written[Resp]:
         """One unary call: in one of the client's slots, sent again if the hub's transport
-        refused it unseen, all within its deadline."""
+        refused it unseen or (with an idempotency `key`) its outcome is unknown, all within
+        its deadline."""
         budget = _or_default(timeout, self.timeout)
-        resend = _Resend(budget)
+        attempts = _Attempts(budget, self._write_attempts if key else 1)
+        metadata = _key_metadata(key)
         with self._slot(budget), _mapped():
             while True:
                 try:
-                    return method(request, timeout=resend.remaining())
+                    response, call = method.with_call(
+                        request, timeout=attempts.timeout(), metadata=metadata)
+                    return Written(response, _position(call.trailing_metadata()))
                 except grpc.RpcError as err:
-                    pause = resend.pause(err)
+                    pause = attempts.pause(err)
                     if pause is None:
                         raise
                 time.sleep(pause)
@@ -115,7 +155,8 @@ class UserClient:
             self._slots.release()
 
     def get_user(self, user_id: str, *, timeout: float | None = None) -> common_pb2.User:
-        return self._unary(self.stub.GetUser, pb.GetUserRequest(user_id=user_id), timeout)
+        return self._unary(self.stub.GetUser, pb.GetUserRequest(user_id=user_id),
+                           timeout).result
 
     def create_user(
         self,
@@ -124,10 +165,28 @@ class UserClient:
         password: str = "",
         status: common_pb2.UserStatus.ValueType = common_pb2.USER_STATUS_UNSPECIFIED,
         *,
+        idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> common_pb2.User:
+        """The created user. With `idempotency_key`, safe to retry, and retried by itself on
+        UNAVAILABLE and DEADLINE_EXCEEDED: a repeat returns the user the key first created."""
+        return self.create_user_with_position(
+            email, name, password, status, idempotency_key=idempotency_key,
+            timeout=timeout).result
+
+    def create_user_with_position(
+        self,
+        email: str,
+        name: str = "",
+        password: str = "",
+        status: common_pb2.UserStatus.ValueType = common_pb2.USER_STATUS_UNSPECIFIED,
+        *,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> Written[common_pb2.User]:
+        """create_user, with the write's position (`Written.position`) beside the user."""
         request = pb.CreateUserRequest(email=email, name=name, password=password, status=status)
-        return self._unary(self.stub.CreateUser, request, timeout)
+        return self._unary(self.stub.CreateUser, request, timeout, idempotency_key)
 
     def update_user(
         self,
@@ -137,20 +196,56 @@ class UserClient:
         name: str | None = None,
         status: common_pb2.UserStatus.ValueType | None = None,
         expected_version: int | None = None,
+        idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> common_pb2.User:
-        """Change the given fields only; with `expected_version`, only if the user is at it."""
+        """Change the given fields only; with `expected_version`, only if the user is at it.
+        With `idempotency_key`, retried by itself like create_user (a repeat is not applied
+        again: it returns the user as the key's first update left it)."""
+        return self.update_user_with_position(
+            user_id, email=email, name=name, status=status, expected_version=expected_version,
+            idempotency_key=idempotency_key, timeout=timeout).result
+
+    def update_user_with_position(
+        self,
+        user_id: str,
+        *,
+        email: str | None = None,
+        name: str | None = None,
+        status: common_pb2.UserStatus.ValueType | None = None,
+        expected_version: int | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> Written[common_pb2.User]:
+        """update_user, with the write's position beside the user."""
         request = _update_request(user_id, email, name, status, expected_version)
-        return self._unary(self.stub.UpdateUser, request, timeout)
+        return self._unary(self.stub.UpdateUser, request, timeout, idempotency_key)
 
     def delete_user(
         self,
         user_id: str,
         *,
         expected_version: int | None = None,
+        idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> None:
-        self._unary(self.stub.DeleteUser, _delete_request(user_id, expected_version), timeout)
+        """Delete the user; with `idempotency_key`, retried by itself like create_user (a
+        repeat of a delete that landed succeeds again instead of NOT_FOUND)."""
+        self.delete_user_with_position(user_id, expected_version=expected_version,
+                                       idempotency_key=idempotency_key, timeout=timeout)
+
+    def delete_user_with_position(
+        self,
+        user_id: str,
+        *,
+        expected_version: int | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> Written[None]:
+        """delete_user, with the write's position (`result` is None)."""
+        written = self._unary(self.stub.DeleteUser, _delete_request(user_id, expected_version),
+                              timeout, idempotency_key)
+        return Written(None, written.position)
 
     def list_users(
         self,
@@ -179,34 +274,94 @@ class UserClient:
         self,
         requests: Iterable[pb.CreateUserRequest],
         *,
+        idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> pb.BulkCreateResponse:
         """Create one user per request; refused rows come back in `errors`, not as exceptions.
 
         If iterating `requests` raises, the call is cancelled and that exception propagates;
         rows the server had already committed stay created.
-        """
-        tap = _RequestTap()
-        with _mapped(), tap.instead_of(grpc.RpcError):
-            return self.stub.BulkCreateUsers(
-                tap.rows(requests), timeout=_or_default(timeout, self.stream_timeout)
-            )
 
-    def import_users(
+        `idempotency_key` K is the stream's: row N gets the key "K/N", so the same rows sent
+        again with K are each created once, and rows created the first time are reported
+        created again (their ids in `user_ids`). With K and rows that can be iterated again (a
+        list, a tuple: any iterable that is not an iterator), the stream is sent again by
+        itself on UNAVAILABLE; an iterator's rows cannot be, so that is left to the caller.
+        """
+        return self.bulk_create_with_position(
+            requests, idempotency_key=idempotency_key, timeout=timeout).result
+
+    def bulk_create_with_position(
         self,
         requests: Iterable[pb.CreateUserRequest],
         *,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> Written[pb.BulkCreateResponse]:
+        """bulk_create, with a position covering every row it created."""
+        return self._stream(self.stub.BulkCreateUsers, requests, lambda rows: rows,
+                            idempotency_key, timeout)
+
+    def import_users(
+        self,
+        requests: Iterable[ImportRow],
+        *,
         batch_size: int = IMPORT_BATCH,
+        idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> pb.BulkCreateResponse:
         """bulk_create's rows and outcomes, sent `batch_size` rows per ImportUsers message:
-        several times faster, as gRPC pays per message, not per row."""
-        tap = _RequestTap()
-        with _mapped(), tap.instead_of(grpc.RpcError):
-            return self.stub.ImportUsers(
-                _messages(tap.rows(requests), batch_size),
-                timeout=_or_default(timeout, self.stream_timeout),
-            )
+        several times faster, as gRPC pays per message, not per row.
+
+        A row is a CreateUserRequest, or a `(request, key)` pair giving that row its own
+        idempotency key (ImportUsersRequest.idempotency_keys; it wins over the stream's
+        "K/N"): the row is created once however often it is sent within the hub's window,
+        and reported created each time. `idempotency_key` and resending are as bulk_create's.
+        """
+        return self.import_users_with_position(
+            requests, batch_size=batch_size, idempotency_key=idempotency_key,
+            timeout=timeout).result
+
+    def import_users_with_position(
+        self,
+        requests: Iterable[ImportRow],
+        *,
+        batch_size: int = IMPORT_BATCH,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> Written[pb.BulkCreateResponse]:
+        """import_users, with a position covering every row it created."""
+        return self._stream(self.stub.ImportUsers, requests,
+                            lambda rows: _messages(rows, batch_size), idempotency_key, timeout)
+
+    def _stream(
+        self,
+        method: grpc.StreamUnaryMultiCallable[Any, pb.BulkCreateResponse],
+        requests: Iterable[Row],
+        messages: Callable[[Iterator[Row]], Iterator[Any]],
+        key: str | None,
+        timeout: float | None,
+    ) -> Written[pb.BulkCreateResponse]:
+        """A bulk stream of `messages(rows)`; sent again (see bulk_create) only with a `key`
+        and rows that can be iterated again."""
+        resendable = _resendable(requests)
+        attempts = _Attempts(_or_default(timeout, self.stream_timeout),
+                             self._write_attempts if key and resendable else 1, share=1.0)
+        metadata = _key_metadata(key)
+        with _mapped():
+            while True:
+                tap = _RequestTap()
+                try:
+                    with tap.instead_of(grpc.RpcError):
+                        response, call = method.with_call(
+                            messages(tap.rows(requests)), timeout=attempts.timeout(),
+                            metadata=metadata)
+                    return Written(response, _position(call.trailing_metadata()))
+                except grpc.RpcError as err:
+                    pause = attempts.pause(err) if resendable else None
+                    if pause is None:
+                        raise
+                time.sleep(pause)
 
 
 class AsyncUserClient:
@@ -225,14 +380,18 @@ class AsyncUserClient:
         options: Sequence[tuple[str, Any]] = (),
         credentials: Credentials | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        write_attempts: int = DEFAULT_WRITE_ATTEMPTS,
     ) -> None:
-        """`max_in_flight`: unary calls run at once (0: no cap; see "Concurrency")."""
+        """`max_in_flight`: unary calls run at once (0: no cap; see "Concurrency").
+        `write_attempts`: attempts in all of a write that carries an idempotency key (1: never
+        retried; see "Idempotency keys")."""
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self._channel = _aio_channel(target, options, credentials)
         self.stub: pb_grpc.UserServiceAsyncStub = pb_grpc.UserServiceStub(self._channel)
         self._max_in_flight = max_in_flight
         self._slots = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+        self._write_attempts = _check_attempts(write_attempts)
 
     async def __aenter__(self) -> Self:
         return self
@@ -250,20 +409,24 @@ class AsyncUserClient:
         await self._channel.close()
 
     async def _unary(
-        self, method: Callable[..., Awaitable[Resp]], request: Any,
-        timeout: float | None,  # noqa: ASYNC109
-    ) -> Resp:
+        self, method: grpc.aio.UnaryUnaryMultiCallable[Any, Resp], request: Any,
+        timeout: float | None, key: str | None = None,  # noqa: ASYNC109
+    ) -> Written[Resp]:
         """One unary call: in one of the client's slots, sent again if the hub's transport
-        refused it unseen, all within its deadline."""
+        refused it unseen or (with an idempotency `key`) its outcome is unknown, all within
+        its deadline."""
         budget = _or_default(timeout, self.timeout)
-        resend = _Resend(budget)
+        attempts = _Attempts(budget, self._write_attempts if key else 1)
+        metadata = _key_metadata(key)
         async with self._slot(budget):
             with _mapped():
                 while True:
                     try:
-                        return await method(request, timeout=resend.remaining())
+                        call = method(request, timeout=attempts.timeout(), metadata=metadata)
+                        response = await call
+                        return Written(response, _position(await call.trailing_metadata()))
                     except grpc.aio.AioRpcError as err:
-                        pause = resend.pause(err)
+                        pause = attempts.pause(err)
                         if pause is None:
                             raise
                     await asyncio.sleep(pause)
@@ -290,7 +453,9 @@ class AsyncUserClient:
         *,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> common_pb2.User:
-        return await self._unary(self.stub.GetUser, pb.GetUserRequest(user_id=user_id), timeout)
+        written = await self._unary(self.stub.GetUser, pb.GetUserRequest(user_id=user_id),
+                                    timeout)
+        return written.result
 
     async def create_user(
         self,
@@ -299,10 +464,28 @@ class AsyncUserClient:
         password: str = "",
         status: common_pb2.UserStatus.ValueType = common_pb2.USER_STATUS_UNSPECIFIED,
         *,
+        idempotency_key: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> common_pb2.User:
+        """The created user. With `idempotency_key`, safe to retry, and retried by itself on
+        UNAVAILABLE and DEADLINE_EXCEEDED: a repeat returns the user the key first created."""
+        written = await self.create_user_with_position(
+            email, name, password, status, idempotency_key=idempotency_key, timeout=timeout)
+        return written.result
+
+    async def create_user_with_position(
+        self,
+        email: str,
+        name: str = "",
+        password: str = "",
+        status: common_pb2.UserStatus.ValueType = common_pb2.USER_STATUS_UNSPECIFIED,
+        *,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Written[common_pb2.User]:
+        """create_user, with the write's position (`Written.position`) beside the user."""
         request = pb.CreateUserRequest(email=email, name=name, password=password, status=status)
-        return await self._unary(self.stub.CreateUser, request, timeout)
+        return await self._unary(self.stub.CreateUser, request, timeout, idempotency_key)
 
     async def update_user(
         self,
@@ -312,21 +495,58 @@ class AsyncUserClient:
         name: str | None = None,
         status: common_pb2.UserStatus.ValueType | None = None,
         expected_version: int | None = None,
+        idempotency_key: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> common_pb2.User:
-        """Change the given fields only; with `expected_version`, only if the user is at it."""
+        """Change the given fields only; with `expected_version`, only if the user is at it.
+        With `idempotency_key`, retried by itself like create_user (a repeat is not applied
+        again: it returns the user as the key's first update left it)."""
+        written = await self.update_user_with_position(
+            user_id, email=email, name=name, status=status, expected_version=expected_version,
+            idempotency_key=idempotency_key, timeout=timeout)
+        return written.result
+
+    async def update_user_with_position(
+        self,
+        user_id: str,
+        *,
+        email: str | None = None,
+        name: str | None = None,
+        status: common_pb2.UserStatus.ValueType | None = None,
+        expected_version: int | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Written[common_pb2.User]:
+        """update_user, with the write's position beside the user."""
         request = _update_request(user_id, email, name, status, expected_version)
-        return await self._unary(self.stub.UpdateUser, request, timeout)
+        return await self._unary(self.stub.UpdateUser, request, timeout, idempotency_key)
 
     async def delete_user(
         self,
         user_id: str,
         *,
         expected_version: int | None = None,
+        idempotency_key: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> None:
-        await self._unary(self.stub.DeleteUser, _delete_request(user_id, expected_version),
-                          timeout)
+        """Delete the user; with `idempotency_key`, retried by itself like create_user (a
+        repeat of a delete that landed succeeds again instead of NOT_FOUND)."""
+        await self.delete_user_with_position(user_id, expected_version=expected_version,
+                                             idempotency_key=idempotency_key, timeout=timeout)
+
+    async def delete_user_with_position(
+        self,
+        user_id: str,
+        *,
+        expected_version: int | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Written[None]:
+        """delete_user, with the write's position (`result` is None)."""
+        written = await self._unary(
+            self.stub.DeleteUser, _delete_request(user_id, expected_version), timeout,
+            idempotency_key)
+        return Written(None, written.position)
 
     async def list_users(
         self,
@@ -357,32 +577,87 @@ class AsyncUserClient:
         self,
         requests: Iterable[pb.CreateUserRequest] | AsyncIterable[pb.CreateUserRequest],
         *,
+        idempotency_key: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> pb.BulkCreateResponse:
         """Create one user per request; refused rows come back in `errors`, not as exceptions.
 
         `requests` may be a plain or an async iterable. If iterating it raises, the call is
         cancelled and that exception propagates; rows the server had already committed stay.
+        `idempotency_key` and resending are as UserClient.bulk_create's (async iterables are
+        never sent again).
         """
-        tap = _RequestTap()
-        with _mapped(), tap.instead_of(asyncio.CancelledError):
-            return await self.stub.BulkCreateUsers(
-                tap.async_rows(requests), timeout=_or_default(timeout, self.stream_timeout))
+        written = await self.bulk_create_with_position(
+            requests, idempotency_key=idempotency_key, timeout=timeout)
+        return written.result
 
-    async def import_users(
+    async def bulk_create_with_position(
         self,
         requests: Iterable[pb.CreateUserRequest] | AsyncIterable[pb.CreateUserRequest],
         *,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Written[pb.BulkCreateResponse]:
+        """bulk_create, with a position covering every row it created."""
+        return await self._stream(self.stub.BulkCreateUsers, requests, lambda rows: rows,
+                                  idempotency_key, timeout)
+
+    async def import_users(
+        self,
+        requests: Iterable[ImportRow] | AsyncIterable[ImportRow],
+        *,
         batch_size: int = IMPORT_BATCH,
+        idempotency_key: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> pb.BulkCreateResponse:
         """bulk_create's rows and outcomes, sent `batch_size` rows per ImportUsers message:
-        several times faster, as gRPC pays per message, not per row."""
-        tap = _RequestTap()
-        with _mapped(), tap.instead_of(asyncio.CancelledError):
-            return await self.stub.ImportUsers(
-                _async_messages(tap.async_rows(requests), batch_size),
-                timeout=_or_default(timeout, self.stream_timeout))
+        several times faster, as gRPC pays per message, not per row. Rows and keys are as
+        UserClient.import_users takes them."""
+        written = await self.import_users_with_position(
+            requests, batch_size=batch_size, idempotency_key=idempotency_key, timeout=timeout)
+        return written.result
+
+    async def import_users_with_position(
+        self,
+        requests: Iterable[ImportRow] | AsyncIterable[ImportRow],
+        *,
+        batch_size: int = IMPORT_BATCH,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Written[pb.BulkCreateResponse]:
+        """import_users, with a position covering every row it created."""
+        return await self._stream(self.stub.ImportUsers, requests,
+                                  lambda rows: _async_messages(rows, batch_size),
+                                  idempotency_key, timeout)
+
+    async def _stream(
+        self,
+        method: grpc.aio.StreamUnaryMultiCallable[Any, pb.BulkCreateResponse],
+        requests: Iterable[Row] | AsyncIterable[Row],
+        messages: Callable[[AsyncIterator[Row]], AsyncIterator[Any]],
+        key: str | None,
+        timeout: float | None,  # noqa: ASYNC109
+    ) -> Written[pb.BulkCreateResponse]:
+        """A bulk stream of `messages(rows)`; sent again (see UserClient.bulk_create) only
+        with a `key` and rows that can be iterated again."""
+        resendable = _resendable(requests)
+        attempts = _Attempts(_or_default(timeout, self.stream_timeout),
+                             self._write_attempts if key and resendable else 1, share=1.0)
+        metadata = _key_metadata(key)
+        with _mapped():
+            while True:
+                tap = _RequestTap()
+                try:
+                    with tap.instead_of(asyncio.CancelledError):
+                        call = method(messages(tap.async_rows(requests)),
+                                      timeout=attempts.timeout(), metadata=metadata)
+                        response = await call
+                        return Written(response, _position(await call.trailing_metadata()))
+                except grpc.aio.AioRpcError as err:
+                    pause = attempts.pause(err) if resendable else None
+                    if pause is None:
+                        raise
+                await asyncio.sleep(pause)
 
 
 # -- what both clients send -----------------------------------------------------------------
@@ -391,6 +666,33 @@ class AsyncUserClient:
 def _or_default(timeout: float | None, default: float) -> float:
     # `is None`, not `or`: an explicit 0 must stay 0 (fail at once), not become the default.
     return default if timeout is None else timeout
+
+
+def _check_attempts(attempts: int) -> int:
+    if attempts < 1:
+        raise ValueError(f"write_attempts must be at least 1, not {attempts}")
+    return attempts
+
+
+def _key_metadata(key: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The request metadata naming an idempotency key (None or "": no key)."""
+    return ((IDEMPOTENCY_KEY, key),) if key else None
+
+
+def _position(trailing: Any) -> str:
+    """The write's position from its trailing metadata; "" from a hub that sends none."""
+    for key, value in trailing or ():
+        if key == POSITION_KEY:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return ""
+
+
+def _resendable(rows: object) -> bool:
+    """Whether bulk rows can be sent again: an iterable that is not an iterator (a list, a
+    tuple, or any object whose `__iter__` starts over). Generators, files and async iterables
+    are consumed as they are sent."""
+    return (isinstance(rows, Iterable) and not isinstance(rows, Iterator)
+            and not isinstance(rows, AsyncIterable))
 
 
 def _update_request(
@@ -452,7 +754,7 @@ class _RequestTap:
                 raise self.error from None
             raise
 
-    def rows(self, requests: Iterable[pb.CreateUserRequest]) -> Iterator[pb.CreateUserRequest]:
+    def rows(self, requests: Iterable[Row]) -> Iterator[Row]:
         try:
             yield from requests
         except Exception as exc:
@@ -460,8 +762,8 @@ class _RequestTap:
             raise
 
     async def async_rows(
-        self, requests: Iterable[pb.CreateUserRequest] | AsyncIterable[pb.CreateUserRequest]
-    ) -> AsyncIterator[pb.CreateUserRequest]:
+        self, requests: Iterable[Row] | AsyncIterable[Row]
+    ) -> AsyncIterator[Row]:
         try:
             if isinstance(requests, AsyncIterable):
                 async for request in requests:
@@ -483,25 +785,36 @@ def _aimed_at_task(exc: BaseException) -> bool:
     return task is None or task.cancelling() > 0
 
 
-def _messages(rows: Iterator[pb.CreateUserRequest], size: int) -> Iterator[pb.ImportUsersRequest]:
-    batch: list[pb.CreateUserRequest] = []
+def _row(row: ImportRow) -> tuple[pb.CreateUserRequest, str]:
+    return row if isinstance(row, tuple) else (row, "")
+
+
+def _message(batch: list[tuple[pb.CreateUserRequest, str]]) -> pb.ImportUsersRequest:
+    # Keys go along only when a row of the message has one (then one per row, "" for none).
+    keys = [key for _, key in batch]
+    return pb.ImportUsersRequest(users=[request for request, _ in batch],
+                                 idempotency_keys=keys if any(keys) else [])
+
+
+def _messages(rows: Iterator[ImportRow], size: int) -> Iterator[pb.ImportUsersRequest]:
+    batch: list[tuple[pb.CreateUserRequest, str]] = []
     for row in rows:
-        batch.append(row)
+        batch.append(_row(row))
         if len(batch) >= size:
-            yield pb.ImportUsersRequest(users=batch)
+            yield _message(batch)
             batch = []
     if batch:
-        yield pb.ImportUsersRequest(users=batch)
+        yield _message(batch)
 
 
 async def _async_messages(
-    rows: AsyncIterator[pb.CreateUserRequest], size: int
+    rows: AsyncIterator[ImportRow], size: int
 ) -> AsyncIterator[pb.ImportUsersRequest]:
-    batch: list[pb.CreateUserRequest] = []
+    batch: list[tuple[pb.CreateUserRequest, str]] = []
     async for row in rows:
-        batch.append(row)
+        batch.append(_row(row))
         if len(batch) >= size:
-            yield pb.ImportUsersRequest(users=batch)
+            yield _message(batch)
             batch = []
     if batch:
-        yield pb.ImportUsersRequest(users=batch)
+        yield _message(batch)
