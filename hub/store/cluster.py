@@ -5,7 +5,13 @@ Keys (prefix `hub`; `{t}` is partition p's hash tag, chosen so the partitions' s
 evenly spaced over 0..16383, hence spread evenly over masters that own equal slot ranges):
     {prefix}:{t}:u:{id}  hash   v=version, d=msgpack record, e=the email's index form
     {prefix}:{t}:ids     zset   the partition's ids, score 0 (ListUsers merges them)
-    {prefix}:{t}:meta    hash   e=the partition's epoch, o=last offset, h=tag of the last write
+    {prefix}:{t}:meta    hash   e=the partition's epoch, o=last offset, h=tag of the last write,
+                                f=the offset up to which tombstones may have been dropped
+    {prefix}:{t}:chg     zset   id -> offset of its last create or update (resync by state)
+    {prefix}:{t}:dead    zset   deleted id -> offset of its deletion (resync by state)
+    {prefix}:{t}:tomb    hash   deleted id -> its deletion event (kept --tombstone-retention)
+    {prefix}:{t}:idem:{key} string  an idempotency key's write (see partition.lua); t is the
+                                partition of the user written (a create's id is made there)
     {prefix}:{t}:log     stream the partition's history (as hub:log:{p} in redis.py)
     {prefix}:{t}:fences  zset   reservation tokens taken over from a stale writer (see below)
     {prefix}:{t}:emails  hash   the email index, sharded by the email's own hash into
@@ -63,6 +69,7 @@ from hub.domain import (
     EventType,
     NewUser,
     Position,
+    StatePage,
     User,
     email_key,
     now_us,
@@ -76,10 +83,12 @@ from hub.errors import (
     StoreUnavailable,
     VersionConflict,
 )
-from hub.store.base import BulkResult
+from hub.store.base import BulkResult, idempotency_reused
 from hub.store.locks import KeyedLock
 from hub.store.redis import (
     _CAS_ATTEMPTS,
+    _SAME_AS,
+    STATE_LUA,
     RecordOps,
     _Op,
     _Raced,
@@ -91,11 +100,16 @@ from hub.store.redis import (
     keyspace_mismatch,
     no_retry,
     pack_event,
+    replayed_event,
+    state_page,
     tagged_events,
     too_few_replicas,
 )
 
 log = logging.getLogger(__name__)
+
+# partition.lua's KEYS before the ops' own (meta, ids, log, fences, chg, dead, tomb).
+_FIXED_KEYS = 7
 
 _PARTITION_LUA = files("hub.store").joinpath("partition.lua").read_text()
 # The email index, one hash per bucket (field: the email's index form, value:
@@ -255,6 +269,8 @@ class ClusterStore(RecordOps):
         pool_size: int = 64,
         replicas_ack: int = 0,
         replicas_ack_timeout: float = 1.0,
+        tombstone_retention: float = 7 * 86_400.0,
+        idempotency_window: float = 86_400.0,
     ) -> None:
         self.partitions = partitions
         self.switchovers = 0
@@ -269,6 +285,13 @@ class ClusterStore(RecordOps):
         self._ids = [f"{prefix}:{{{t}}}:ids" for t in tags]
         self._log = [f"{prefix}:{{{t}}}:log" for t in tags]
         self._fences = [f"{prefix}:{{{t}}}:fences" for t in tags]
+        self._changes = [f"{prefix}:{{{t}}}:chg" for t in tags]
+        self._deaths = [f"{prefix}:{{{t}}}:dead" for t in tags]
+        self._tombs = [f"{prefix}:{{{t}}}:tomb" for t in tags]
+        self._idem = [f"{prefix}:{{{t}}}:idem:" for t in tags]
+        self._idem_window_ms = int(idempotency_window * 1000)
+        self._retention_ms = int(tombstone_retention * 1000)
+        self._read_state = client.register_script(STATE_LUA)
         self._channels = [f"{prefix}:{{{t}}}:ev" for t in tags]
         self._partition_of_channel = {c.encode(): p for p, c in enumerate(self._channels)}
         self._user_prefix = [f"{prefix}:{{{t}}}:u:" for t in tags]
@@ -340,6 +363,32 @@ class ClusterStore(RecordOps):
         key = self._user_key(user_id)
         async with self._calling():
             return cast(bytes | None, await _read_again(lambda: self._r.hget(key, "d")))
+
+    async def _idem_record(self, user_id: str, key: str) -> bytes | None:
+        name = self._idem[partition_of(user_id, self.partitions)] + key
+        async with self._calling():
+            return cast(bytes | None, await _read_again(lambda: self._r.get(name)))
+
+    def _replay_epoch(self) -> str | None:
+        return self._digest
+
+    async def state_since(
+        self, partition: int, after_offset: int, cursor: int | None, limit: int
+    ) -> StatePage | None:
+        p = partition
+        keys = [self._meta[p], self._changes[p], self._deaths[p], self._tombs[p], self._meta[p]]
+        start = after_offset if cursor is None else max(cursor, after_offset)
+        async with self._calling():
+            reply = await _read_again(lambda: self._read_state(
+                keys=keys, args=[p, after_offset, start, limit, self._user_prefix[p],
+                                 "cluster"]))
+        if reply is None:
+            return None
+        # Shown with the digest while the partition is at the epoch this process follows;
+        # a partition at another shows that one (a page of another history, never taken
+        # for this one).
+        kept = reply[0].decode() if reply[0] else ""
+        return state_page(reply, limit, self._digest if kept == self._epochs[p] else kept)
 
     async def list_after(self, after_id: str, limit: int) -> list[User]:
         """A k-way merge of the partitions' id indexes: `limit` ids from each (memory: page
@@ -437,6 +486,15 @@ class ClusterStore(RecordOps):
             async with self._r.pipeline(transaction=False) as pipe:
                 for key in self._meta:
                     pipe.hsetnx(key, "e", epoch)
+                await pipe.execute()
+            # Change tracking (resync by state) starts here for a keyspace that had none.
+            async with self._r.pipeline(transaction=False) as pipe:
+                for key in self._meta:
+                    pipe.hget(key, "o")
+                offsets = await pipe.execute()
+            async with self._r.pipeline(transaction=False) as pipe:
+                for key, offset in zip(self._meta, offsets, strict=True):
+                    pipe.hsetnx(key, "f", int(offset or 0))
                 await pipe.execute()
         await self.position()  # every partition's epoch, for the digest
 
@@ -604,7 +662,26 @@ class ClusterStore(RecordOps):
         A round reserves its emails at once, writes with one call per partition, all at
         once, then confirms. A row whose reservation was taken over on its way goes again."""
         out: list[BulkResult | None] = [None] * len(rows)
-        pending = list(range(len(rows)))
+        # Rows whose idempotency key is known are answered before any email is reserved (the
+        # email is the first write's now: reserving it would say "taken").
+        pending = []
+        # A later row with an earlier row's key gets the earlier's outcome (or is refused).
+        first_of: dict[str, int] = {}
+        same_as: dict[int, int] = {}
+        for i, replay in enumerate(await self._replays(rows)):
+            idem = rows[i].idempotency
+            if replay is not None:
+                out[i] = replay
+            elif idem is not None and idem.key in first_of:
+                earlier = first_of[idem.key]
+                if rows[earlier].idempotency == idem:
+                    same_as[i] = earlier
+                else:
+                    out[i] = idempotency_reused()
+            else:
+                if idem is not None:
+                    first_of[idem.key] = i
+                pending.append(i)
         tries = dict.fromkeys(pending, 0)
         while pending:
             seen: set[str] = set()
@@ -625,7 +702,7 @@ class ClusterStore(RecordOps):
                     go.append(i)
             tokens = {i: r for i, r in zip(this_round, reserved, strict=True) if i in go}
             ops = [_Op(EventType.CREATED, rows[i].user, 0, "", email_key(rows[i].user.email),
-                       rows[i].password_hash) for i in go]
+                       rows[i].password_hash, rows[i].idempotency) for i in go]
             # A partition that failed gives its rows its error (their reservations stay
             # pending: each is found stale and taken over later); the others' rows landed.
             results = await self._apply(ops, [cast(tuple[str, int], tokens[i]) for i in go])
@@ -643,8 +720,10 @@ class ClusterStore(RecordOps):
                         " on its way; nothing was written")
                 out[i] = result
                 email = op.new_email
-                if isinstance(result, Event):
+                if isinstance(result, Event) and result.user.id == op.user.id:
                     confirm.append((email, [email, op.user.id, token]))
+                elif isinstance(result, Event):  # its key's first write (a race): not ours
+                    release.append((email, [email, op.user.id, token]))
                 elif not isinstance(result, StoreUnavailable):
                     # Refused for sure. After an unknown outcome the reservation stays: the
                     # user may exist, and the next writer of the email checks which.
@@ -655,7 +734,30 @@ class ClusterStore(RecordOps):
                 await self._by_bucket(self._confirm, confirm)
                 await self._by_bucket(self._release, release)
             pending = sorted(later)
+        for i, earlier in same_as.items():
+            out[i] = out[earlier]
         return cast(list[BulkResult], out)
+
+    async def _replays(self, rows: Sequence[NewUser]) -> list[BulkResult | None]:
+        """Per row: the outcome of its idempotency key's write, if the key is known."""
+        asked = [(i, row.idempotency) for i, row in enumerate(rows) if row.idempotency]
+        found: list[BulkResult | None] = [None] * len(rows)
+        if not asked:
+            return found
+
+        async def read() -> list[Any]:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for _i, idem in asked:
+                    pipe.get(self._idem[idem.partition(self.partitions)] + idem.key)
+                return cast(list[Any], await pipe.execute())
+
+        async with self._calling():
+            records = await _read_again(read)
+        for (i, idem), record in zip(asked, records, strict=True):
+            if record is not None:
+                same = msgpack.unpackb(record, raw=True)[0].decode() == idem.fingerprint
+                found[i] = replayed_event(record, self._digest) if same else idempotency_reused()
+        return found
 
     async def _compare_and_set(
         self, user_id: str, expected_version: int | None,
@@ -705,14 +807,28 @@ class ClusterStore(RecordOps):
             by_partition.setdefault(partition_of(op.user.id, self.partitions), []).append(i)
         out: list[Any] = [None] * len(ops)
 
+        def extra_keys(p: int, indexes: list[int]) -> list[str]:
+            """partition.lua's KEYS after the fixed ones: the ops' user keys, then the
+            idempotency keys of those that have one."""
+            users = [self._user_prefix[p] + ops[i].user.id for i in indexes]
+            idems = [self._idem[p] + idem.key for i in indexes
+                     if (idem := ops[i].idem) is not None]
+            return users + idems
+
         def packed(indexes: list[int]) -> bytes:
-            return msgpack.packb([
-                [_TYPE_CODE[ops[i].type], ops[i].user.id, ops[i].expected,
-                 b"" if ops[i].type is EventType.DELETED else ops[i].record(),
-                 pack_event(ops[i].type, ops[i].user, ts), ops[i].new_email,
-                 *(reservations[i] or ("", 0))]
-                for i in indexes
-            ], use_bin_type=False)
+            rows = []
+            idem_at = _FIXED_KEYS + len(indexes)  # KEYS index (from 1) of the last idem key
+            for i in indexes:
+                op = ops[i]
+                if op.idem is not None:
+                    idem_at += 1
+                rows.append([
+                    _TYPE_CODE[op.type], op.user.id, op.expected,
+                    b"" if op.type is EventType.DELETED else op.record(),
+                    pack_event(op.type, op.user, ts), op.new_email,
+                    *(reservations[i] or ("", 0)),
+                    idem_at if op.idem is not None else 0, op.idem_args()[1]])
+            return msgpack.packb(rows, use_bin_type=False)
 
         def outcomes(p: int, indexes: list[int], reply: Any) -> None:
             epoch = self._digest
@@ -720,13 +836,15 @@ class ClusterStore(RecordOps):
                 status, value = reply[2 + 2 * n], reply[3 + 2 * n]
                 if status == _RESERVATION_LOST:
                     out[i] = _RESERVATION_LOST
+                elif status == _SAME_AS:
+                    out[i] = out[indexes[value - 1]]
                 else:
-                    out[i] = _result(status, value, ops[i], p, epoch, ts)
+                    out[i] = _result(status, value, ops[i], p, epoch, ts, epoch)
 
         async def one(p: int, indexes: list[int], first: Any = None) -> None:
             try:
                 reply = await self._write_partition(
-                    p, [ops[i].user.id for i in indexes], packed(indexes), ts, first)
+                    p, extra_keys(p, indexes), packed(indexes), ts, first)
             except HubError as exc:
                 for i in indexes:
                     out[i] = exc
@@ -739,7 +857,7 @@ class ClusterStore(RecordOps):
             return out
         # Many partitions (a bulk batch): every first try in one round trip per master; a
         # partition whose try met a moved epoch or a replaced history goes on by itself.
-        tries = [self._write_try(p, [ops[i].user.id for i in indexes], packed(indexes), ts)
+        tries = [self._write_try(p, extra_keys(p, indexes), packed(indexes), ts)
                  for p, indexes in groups]
         replies = await self._pipelined(self._write, [(keys, args) for keys, args, _ in tries])
         again = []
@@ -755,16 +873,17 @@ class ClusterStore(RecordOps):
         await asyncio.gather(*again)
         return out
 
-    def _write_try(self, p: int, user_ids: list[str], packed: bytes, ts: int
+    def _write_try(self, p: int, extra: list[str], packed: bytes, ts: int
                    ) -> tuple[list[str], list[Any], tuple[str, int]]:
-        """partition.lua's keys and arguments for one try, and what _took needs after it."""
-        keys = [self._meta[p], self._ids[p], self._log[p], self._fences[p],
-                *(self._user_prefix[p] + i for i in user_ids)]
+        """partition.lua's keys (`extra`: those after the fixed ones) and arguments for one
+        try, and what _took needs after it."""
+        keys = [self._meta[p], self._ids[p], self._log[p], self._fences[p], self._changes[p],
+                self._deaths[p], self._tombs[p], *extra]
         tag = secrets.token_hex(4)
         offset, head = self._heads.get(p, (-1, ""))
         args = [secrets.token_hex(4), self._history_size, ts // 1000, self._history_max_age_ms,
                 packed, tag, self._epochs[p], offset, head, self._channels[p],
-                _RESERVATION_VALIDITY_MS, p]
+                _RESERVATION_VALIDITY_MS, p, self._idem_window_ms, self._retention_ms]
         return keys, args, (tag, offset)
 
     def _took(self, p: int, reply: Any, tag: str, offset: int) -> bool:
@@ -779,12 +898,12 @@ class ClusterStore(RecordOps):
         return True
 
     async def _write_partition(
-        self, p: int, user_ids: list[str], packed: bytes, ts: int, first: Any = None
+        self, p: int, extra: list[str], packed: bytes, ts: int, first: Any = None
     ) -> Any:
         """Tries until applied: `first` is a try already made (and not applied)."""
         for _ in range(_WRITE_TRIES):
             if first is None:
-                keys, args, (tag, offset) = self._write_try(p, user_ids, packed, ts)
+                keys, args, (tag, offset) = self._write_try(p, extra, packed, ts)
                 reply = await self._run_write(keys, args)
                 if self._took(p, reply, tag, offset):
                     return reply
