@@ -94,7 +94,6 @@ The plain methods keep their return types (User, None, BulkCreateResponse).
 from hub.client.channel import (
     CHANNEL_OPTIONS,
     DEFAULT_WRITE_ATTEMPTS,
-    IDEMPOTENCY_KEY,
     RETRY_SERVICE_CONFIG,
     Credentials,
 )
@@ -108,12 +107,14 @@ from hub.client.errors import (
     VersionConflictError,
     from_rpc_error,
 )
-from hub.client.feed import ContinuityLost, SyncBatch, SyncFeed
+from hub.client.feed import ContinuityLost, Resynced, SyncBatch, SyncFeed
+from hub.resume import IDEMPOTENCY_KEY, POSITION_KEY
 
 __all__ = [
     "CHANNEL_OPTIONS",
     "DEFAULT_WRITE_ATTEMPTS",
     "IDEMPOTENCY_KEY",
+    "POSITION_KEY",
     "RETRY_SERVICE_CONFIG",
     "AlreadyExistsError",
     "AsyncUserClient",
@@ -122,6 +123,7 @@ __all__ = [
     "Credentials",
     "ImportRow",
     "InvalidArgumentError",
+    "Resynced",
     "SyncBatch",
     "SyncFeed",
     "UnavailableError",

@@ -34,7 +34,7 @@ DEFAULT_MAX_IN_FLIGHT: Final = 64
 # at most, after 10 ms, 20 ms, 40 ms, ... (with jitter), and never past its deadline.
 _REFUSED_RETRIES: Final = 6
 _REFUSED_BACKOFF: Final = 0.01
-# A write that carries an idempotency key (request metadata IDEMPOTENCY_KEY) is safe to send
+# A write that carries an idempotency key (hub.resume.IDEMPOTENCY_KEY metadata) is safe to send
 # again: the hub answers a repeat with the first outcome, unapplied again. Such a write is
 # sent at most this many times in all (reads' schedule: 0.1 s doubling to 2 s, jittered) on
 # the codes that leave its outcome unknown. Writes without a key are never sent again (except
@@ -44,8 +44,6 @@ _WRITE_BACKOFF: Final = 0.1
 _WRITE_BACKOFF_CAP: Final = 2.0
 _RETRIED_WRITE_CODES: Final = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-# The request metadata that carries a write's idempotency key (a fixed wire name).
-IDEMPOTENCY_KEY: Final = "idempotency-key"
 
 _RETRY_POLICY: Final[dict[str, Any]] = {
     "maxAttempts": 5,

@@ -37,7 +37,6 @@ from hub.client.channel import (
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_TARGET,
     DEFAULT_WRITE_ATTEMPTS,
-    IDEMPOTENCY_KEY,
     Credentials,
     _aio_channel,
     _Attempts,
@@ -45,7 +44,7 @@ from hub.client.channel import (
     _sync_channel,
 )
 from hub.client.errors import _mapped
-from hub.resume import POSITION_KEY
+from hub.resume import IDEMPOTENCY_KEY, POSITION_KEY
 
 DEFAULT_TIMEOUT: Final = 5.0
 # A ListUsers of a large store, or a big bulk load, legitimately runs for minutes.
