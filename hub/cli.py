@@ -2,7 +2,7 @@
 
     hub serve [--host H] [--port P] [--redis-url URL] [--workers N]
     hub user create --email ada@example.com --name Ada
-    hub user import users.csv            # or .jsonl; streams through ImportUsers
+    hub user import users.csv            # or .jsonl; streams through ImportUsers; re-runnable
     hub watch [--user ID ...]            # live changes, one JSON line each, resuming by itself
     hub token --sub alice                # a development JWT
 
@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import csv
 import getpass
+import hashlib
 import importlib.metadata
 import io
 import json
@@ -35,7 +36,7 @@ from hub.settings import Settings
 
 if TYPE_CHECKING:
     from hub.api.user.v1.user_service_pb2 import CreateUserRequest
-    from hub.client import ClientError, Credentials, UserClient
+    from hub.client import ClientError, Credentials, UserClient, Written
 
 DEFAULT_TARGET: Final = "localhost:50051"
 _STATUSES: Final = {"active": 1, "inactive": 2}
@@ -141,7 +142,20 @@ def _parser() -> argparse.ArgumentParser:
         command.set_defaults(run=run, client_command=True)
         return command
 
+    def write_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--idempotency-key", metavar="KEY",
+            help="makes the write safe to repeat: run again with the same KEY (within the"
+                 " hub's --idempotency-window, 24 h by default) it is not applied again and"
+                 " prints the first outcome; the client also retries it by itself when its"
+                 " outcome is unknown (UNAVAILABLE, deadline exceeded)")
+        command.add_argument(
+            "--position", action="store_true",
+            help="print the write's position on stderr (`hub: position T`), for"
+                 " `hub watch --min-position T` on any instance")
+
     create = user_command("create", "create a user", _user_create)
+    write_options(create)
     create.add_argument("--email", required=True)
     create.add_argument("--name", default="")
     create.add_argument("--status", type=str.lower, choices=sorted(_STATUSES), default="active")
@@ -152,6 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("user_id", type=_user_id, metavar="ID")
 
     update = user_command("update", "change name, email or status", _user_update)
+    write_options(update)
     update.add_argument("user_id", type=_user_id, metavar="ID")
     update.add_argument("--email")
     update.add_argument("--name")
@@ -160,6 +175,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="apply only if the user is at this version")
 
     delete = user_command("delete", "delete a user", _user_delete)
+    write_options(delete)
     delete.add_argument("user_id", type=_user_id, metavar="ID")
     delete.add_argument("--expected-version", type=int,
                         help="delete only if the user is at this version")
@@ -171,10 +187,26 @@ def _parser() -> argparse.ArgumentParser:
 
     imp = user_command("import", "bulk-create users from a CSV or JSON-lines file",
                        _user_import)
+    imp.description = (
+        "Bulk-create users from a CSV or JSON-lines file. Re-runnable: every row is sent with an idempotency key made from the file's content"
+        " and the row's number, so running the same import again (after a crash, a cut"
+        " connection, rows refused UNAVAILABLE) creates each row exactly once, and reports"
+        " the rows an earlier run created as created. A different file, or the same file"
+        " edited, gives its rows other keys. stdin cannot be read twice, so its row N's key"
+        " is made from rows 0..N instead: the same input gives the same keys. The hub keeps"
+        " keys for its --idempotency-window (24 h by default); a re-run after that refuses"
+        " the rows already there as taken emails (never a second user).")
     imp.add_argument("file", type=Path, help="CSV with a header (email,name[,password,status])"
                      " or .jsonl/.ndjson with one object per line; - reads stdin")
     imp.add_argument("--format", choices=("csv", "jsonl"),
                      help="default: from the extension (stdin: csv)")
+    imp.add_argument("--no-idempotency-keys", dest="row_keys", action="store_false",
+                     help="send rows without keys: to import again, within the window, a file"
+                          " whose users were deleted since (with keys, those rows would be"
+                          " reported created, not created again)")
+    imp.add_argument("--position", action="store_true",
+                     help="print a position covering the rows created on stderr"
+                          " (`hub: position T`), for `hub watch --min-position T`")
 
     watch = commands.add_parser(
         "watch", help="print live changes as JSON lines",
@@ -186,6 +218,13 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--snapshot", action="store_true",
                        help="first print every followed user's current state")
     watch.add_argument("--resume-token", default="", help="resume after this token")
+    watch.add_argument("--min-position", default="", metavar="T",
+                       help="print nothing until the hub has routed every event up to T (a"
+                            " write's position, from --position): read your own writes")
+    watch.add_argument("--no-resync", dest="resync", action="store_false",
+                       help="when the token's events have left the history, print a full"
+                            " snapshot instead of resyncing by state (only what changed"
+                            " since, deletions included)")
     watch.set_defaults(run=_watch, client_command=True)
 
     token = commands.add_parser("token", help="mint a development JWT (HS256)",
@@ -439,14 +478,23 @@ def _user_command(fn: Callable[[UserClient, argparse.Namespace], int | None]
     return run
 
 
+def _print_position(args: argparse.Namespace, written: Written[Any]) -> None:
+    if args.position:
+        print(f"hub: position {written.position or '(none: the hub sent no position)'}",
+              file=sys.stderr)
+
+
 @_user_command
 def _user_create(client: UserClient, args: argparse.Namespace) -> None:
     password = ""
     if args.password:
         password = (getpass.getpass("password: ") if sys.stdin.isatty()
                     else sys.stdin.readline().rstrip("\n"))
-    _print_user(client.create_user(args.email, args.name, password,
-                                   _STATUSES[args.status]))  # type: ignore[arg-type]
+    written = client.create_user_with_position(
+        args.email, args.name, password, _STATUSES[args.status],  # type: ignore[arg-type]
+        idempotency_key=args.idempotency_key)
+    _print_user(written.result)
+    _print_position(args, written)
 
 
 @_user_command
@@ -457,14 +505,20 @@ def _user_get(client: UserClient, args: argparse.Namespace) -> None:
 @_user_command
 def _user_update(client: UserClient, args: argparse.Namespace) -> None:
     status: Any = _STATUSES[args.status] if args.status else None
-    _print_user(client.update_user(args.user_id, email=args.email, name=args.name, status=status,
-                                   expected_version=args.expected_version))
+    written = client.update_user_with_position(
+        args.user_id, email=args.email, name=args.name, status=status,
+        expected_version=args.expected_version, idempotency_key=args.idempotency_key)
+    _print_user(written.result)
+    _print_position(args, written)
 
 
 @_user_command
 def _user_delete(client: UserClient, args: argparse.Namespace) -> None:
-    client.delete_user(args.user_id, expected_version=args.expected_version)
+    written = client.delete_user_with_position(
+        args.user_id, expected_version=args.expected_version,
+        idempotency_key=args.idempotency_key)
     print(f"deleted {args.user_id}")
+    _print_position(args, written)
 
 
 @_user_command
@@ -508,6 +562,17 @@ class ImportFile:
         parser cannot read is refused here, before any row is sent."""
         return None if self.stdin else sum(1 for _ in self.rows())
 
+    def digest(self) -> str:
+        """The content's identity (its format included), for its rows' idempotency keys."""
+        digest = hashlib.sha256(_KEY_SCHEME + b"\0file\0" + self.format.encode() + b"\0")
+        try:
+            with self.path.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+        except OSError as exc:
+            raise ImportFileError(f"cannot read {self.path}: {_reason(exc)}") from None
+        return digest.hexdigest()[:_KEY_DIGEST]
+
     def rows(self) -> Iterator[dict[str, Any] | str]:
         if self.stdin:
             yield from self._parse(sys.stdin.buffer)
@@ -537,6 +602,39 @@ class ImportFile:
             raise ImportFileError(f"{self.name} line {reader.line_num}: {exc}") from None
         finally:
             text.detach()  # `f` is its opener's to close
+
+
+# Row keys are `import-<digest>/<row>`: 128 bits of digest tell files apart, and the whole key
+# stays far below the hub's 255 characters. The scheme is hashed in, so a change of how keys
+# are made can never give an old key another row.
+_KEY_SCHEME: Final = b"hub-import/1"
+_KEY_DIGEST: Final = 32
+
+
+class RowKeys:
+    """The idempotency key of each row of an import, asked for every row in order (rows
+    refused before sending too): `import-<digest>/<row>`.
+
+    For a file, the digest is its content's (`ImportFile.digest`): the same file gives the same
+    keys, a different or edited file others, whatever its name or place. stdin cannot be read
+    twice before sending, so row N's digest is that of rows 0..N as parsed: the same input
+    gives the same keys, and two inputs share keys only for identical leading rows.
+    """
+
+    def __init__(self, source: ImportFile) -> None:
+        self._file = None if source.stdin else source.digest()
+        self._chain = hashlib.sha256(_KEY_SCHEME + b"\0stdin\0" + source.format.encode())
+
+    def key(self, index: int, row: Mapping[str, Any] | str) -> str:
+        if self._file is not None:
+            return f"import-{self._file}/{index}"
+        # CSV rows may hold a None key (values past the header) and None values: made text
+        # first, in an order of their own, each row framed by its length.
+        text = row if isinstance(row, str) else json.dumps(
+            sorted((str(k), v) for k, v in row.items()), default=str)
+        data = text.encode()
+        self._chain.update(len(data).to_bytes(8, "big") + data)
+        return f"import-{self._chain.hexdigest()[:_KEY_DIGEST]}/{index}"
 
 
 def _json_lines(f: IO[bytes]) -> Iterator[dict[str, Any] | str]:
@@ -587,33 +685,50 @@ def file_row(sent: Sequence[int], index: int) -> int:
     return (sent[-1] if sent else -1) + 1 + index - len(sent)
 
 
+_RERUN_HINT: Final = ("hub: run the same import again to finish it: rows an earlier run"
+                      " created are reported created, not created again")
+# google.rpc.Code of a row whose outcome is unknown (the store could not be reached).
+_UNAVAILABLE_ROW: Final = 14
+
+
 @_user_command
 def _user_import(client: UserClient, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from hub.client import ClientError
+
     source = ImportFile(args.file, args.format)
     total = source.count()
+    keys = RowKeys(source) if args.row_keys else None
     sent: list[int] = []  # the file row of each row sent, in order
     refused: list[Refused] = []  # rows refused here, never sent
 
-    def requests(bar: tqdm[Any]) -> Iterator[CreateUserRequest]:
+    def requests(bar: tqdm[Any]) -> Iterator[CreateUserRequest | tuple[CreateUserRequest, str]]:
         for index, row in enumerate(source.rows()):
             bar.update()
+            key = keys.key(index, row) if keys is not None else ""
             outcome = Refused(-1, "", row) if isinstance(row, str) else request_of(row)
             if isinstance(outcome, Refused):
                 refused.append(Refused(index, outcome.field, outcome.message))
                 continue
             sent.append(index)
-            yield outcome
+            yield (outcome, key) if key else outcome
 
     bar = tqdm(total=total, unit=" rows", file=sys.stderr)
     try:
-        response = client.import_users(requests(bar))
+        written = client.import_users_with_position(requests(bar))
     except ImportFileError as exc:  # stdin: CSV that broke halfway (a file was read first)
         raise ImportFileError(f"{exc}; the import stopped there (rows before it may have been"
                               " created)") from None
+    except ClientError as exc:  # the stream itself failed: some rows may have been created
+        bar.close()
+        print("\n".join(client_error_lines(exc)), file=sys.stderr)
+        if keys is not None:
+            print(_RERUN_HINT, file=sys.stderr)
+        return 1
     finally:
         bar.close()
+    response = written.result
     refused += [Refused(file_row(sent, err.index), err.field, err.message)
                 for err in response.errors]
     for row in sorted(refused, key=lambda r: r.index):
@@ -622,6 +737,11 @@ def _user_import(client: UserClient, args: argparse.Namespace) -> int:
     if unread > 0:
         print(f"hub: the hub stopped reading early: {unread} rows sent were neither created"
               " nor refused", file=sys.stderr)
+    if keys is not None and (unread > 0 or any(
+            err.code == _UNAVAILABLE_ROW for err in response.errors)):
+        print(_RERUN_HINT, file=sys.stderr)
+    if args.position:
+        _print_position(args, written)
     print(f"created {response.created_count}, refused {len(refused)}")
     return 1 if refused or unread > 0 else 0
 
@@ -634,24 +754,32 @@ def _watch(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     token = args.resume_token
     try:
-        from hub.client import ClientError, ContinuityLost, SyncFeed
+        from hub.client import ClientError, ContinuityLost, Resynced, SyncFeed
 
         client_args = _client_args(args)
         stream: dict[str, Any] = ({} if client_args.timeout is None
                                   else {"stream_timeout": client_args.timeout})
         feed = SyncFeed(client_args.targets, args.user, resume_token=args.resume_token,
-                        snapshot=args.snapshot, credentials=client_args.credentials(), **stream)
+                        snapshot=args.snapshot, resync=args.resync,
+                        min_position=args.min_position,
+                        credentials=client_args.credentials(), **stream)
 
         async def follow() -> None:
             async for item in feed:
                 if isinstance(item, ContinuityLost):
-                    print(f"hub: continuity lost ({item.reason}): {item.message}; a snapshot"
-                          " follows", file=sys.stderr)
+                    action = f" (the hub recommends {item.action})" if item.action else ""
+                    print(f"hub: continuity lost ({item.reason}): {item.message}{action}; a"
+                          " snapshot follows", file=sys.stderr)
                     continue
                 for event in item.events:
                     print(json_format.MessageToJson(event, indent=None,
                                                     preserving_proto_field_name=True),
                           flush=True)
+                if isinstance(item, Resynced):
+                    print(f"hub: resynced by state: the token's events had left the history;"
+                          f" {len(item.updated)} users changed and {len(item.deleted)} deleted"
+                          " since were printed (\"resync\": true), live from here",
+                          file=sys.stderr, flush=True)
 
         try:
             stopped = asyncio.run(_until_signal(feed, follow))
