@@ -19,6 +19,24 @@ store's positions every second, so a loss at the tail (with no later event to re
 repaired too. A subscriber's resume token is the engine's position at the moment its buffer
 is drained: every matching event up to it has been handed over, none after it.
 
+Slow subscribers catch up in the server instead of being cut. A subscription whose buffer
+passes its bound (Limits: events or bytes) drops its buffer and is marked `lagging`: the engine
+stops pushing to it, so it holds no events however far behind it falls, and nobody else waits
+for it. It keeps `given`, the position its stream has been handed everything up to (its last
+drain), and every event dropped is after it. The stream's writer then reads the history from
+there at its client's pace (`replay`: chunks shared with every reader at nearby positions, see
+hub.replay), to a target that moves with the engine, and once it is close (within half the
+event bound) it rejoins: `rejoin` puts it back on the live feed at the engine's position P (its
+new origin), synchronously, so every event after P is pushed to it and none before, and the
+writer replays from where it stands to P, exactly as a resume does. No gap, no duplicate; if it
+falls behind again meanwhile, it goes round again from P. It is cut only when its position
+leaves the history (HistoryLost HISTORY_EXPIRED), or resyncs by state where its stream asked.
+
+Conflated subscriptions keep the newest event per user, so their count is the number of users
+waiting, not of events: they pass the event bound only with that many distinct users behind,
+and the byte bound with that many bytes of newest events. Either way they catch up like any
+other, and their catch-up responses are conflated too (each keeps the newest event per user).
+
 Identity: offsets alone cannot tell a continuation from another history under the same
 offsets (a Redis restarted from an older snapshot, a replica promoted before it had every
 write, then new writes reusing the lost offsets). Every write carries a tag and the tag of the
@@ -46,7 +64,6 @@ from hub.errors import (
     RESYNC_BY_STATE,
     SNAPSHOT,
     HistoryLost,
-    SlowConsumer,
     StoreUnavailable,
 )
 from hub.replay import SharedHistory
@@ -76,7 +93,8 @@ Encoder = Callable[[Event], Encoded]
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Per-subscription buffer bounds; a subscriber past either is cut (SlowConsumer)."""
+    """Per-subscription buffer bounds; a subscriber past either catches up from the history
+    (see the module docstring)."""
 
     max_events: int = 10_000
     max_bytes: int = 8 * 1024 * 1024
@@ -88,10 +106,15 @@ class Subscription:
     There is one per open stream and most streams are idle, so it holds as little as it can
     while idle: slots, no buffer until an event arrives, and no Event/timer to wait on, just
     a future made when its owner waits.
+
+    `given` is the position its owner has been handed everything up to (its last drain, or
+    its origin); `lagging` says the engine stopped pushing to it (its buffer overflowed) and
+    its owner is to read the history from `given` (Fanout.replay, then Fanout.rejoin).
     """
 
-    __slots__ = ("_bytes", "_engine", "_items", "_latest", "_limits", "_waiter", "_woken",
-                 "conflate", "error", "origin", "users")
+    __slots__ = ("_bytes", "_engine", "_held", "_items", "_latest", "_limits", "_waiter",
+                 "_woken", "behind", "conflate", "error", "given", "lagging", "origin",
+                 "users")
 
     def __init__(
         self, engine: Fanout, users: set[str] | None, conflate: bool, limits: Limits
@@ -105,13 +128,16 @@ class Subscription:
         self._bytes = 0
         self._woken = False  # something to drain since the last drain
         self._waiter: asyncio.Future[None] | None = None
+        self._held: asyncio.Future[None] | None = None  # its owner's Fanout.wait_for
         self.error: Exception | None = None
         # The engine position when this subscription started receiving live events.
-        self.origin = engine.position()
+        self.origin = self.given = engine.position()
+        self.lagging = False  # the engine does not push to it: its owner reads the history
+        self.behind = False  # lagging, or reading the history: counted as catching up
 
     def push(self, item: Encoded) -> None:
         """Called by the engine, synchronously, for every matching event."""
-        if self.error is not None:
+        if self.error is not None or self.lagging:
             return
         if self.conflate:
             if self._latest is None:
@@ -127,11 +153,25 @@ class Subscription:
             self._items.append(item)
             count = len(self._items)
         self._bytes += len(item.event)
-        if count > self._limits.max_events:
-            self.fail(SlowConsumer(f"{self._limits.max_events} events"))
-        elif self._bytes > self._limits.max_bytes:
-            self.fail(SlowConsumer(f"{self._limits.max_bytes} bytes"))
+        if count > self._limits.max_events or self._bytes > self._limits.max_bytes:
+            self._lag()
         self.wake()
+
+    def _lag(self) -> None:
+        """Past a bound: the buffer goes and the engine stops pushing; every event dropped
+        is after `given`, so the owner's read of the history from there has each of them."""
+        self._items, self._latest, self._bytes = None, None, 0
+        self.lagging = True
+        if not self.behind:
+            self.behind = True
+            metrics.CATCHUP_SUBSCRIBERS.inc()
+
+    def caught_up(self) -> None:
+        """Its owner has replayed up to its origin since it rejoined: live again."""
+        if self.behind and not self.lagging:
+            self.behind = False
+            metrics.CATCHUP_SUBSCRIBERS.dec()
+            metrics.CATCHUPS.inc()
 
     def fail(self, error: Exception) -> None:
         """Ends the subscription: its owner sees `error` on its next drain."""
@@ -139,6 +179,9 @@ class Subscription:
             self.error = error
             self._items, self._latest, self._bytes = None, None, 0
             self.wake()
+            held, self._held = self._held, None
+            if held is not None and not held.done():
+                held.set_result(None)
             # Stop routing to it now, not when its owner gets round to closing it (a stalled
             # stream's writer may be stuck for long); not during this routing pass, though.
             asyncio.get_running_loop().call_soon(self.close)
@@ -166,14 +209,17 @@ class Subscription:
         """Everything buffered, and the position that covers it (for the resume token)."""
         if self.error is not None:
             raise self.error
+        self._woken = False
+        if self.lagging:
+            return [], self.given  # nothing buffered: the owner reads the history instead
         items: list[Encoded]
         if self._latest is not None:
             items, self._latest = list(self._latest.values()), None
         else:
             items, self._items = self._items or [], None
         self._bytes = 0
-        self._woken = False
-        return items, self._engine.position()
+        self.given = self._engine.position()
+        return items, self.given
 
     @property
     def pending(self) -> int:
@@ -205,6 +251,9 @@ class Subscription:
             self._engine._unindex_users(self, users)
 
     def close(self) -> None:
+        if self.behind:
+            self.behind = False
+            metrics.CATCHUP_SUBSCRIBERS.dec()
         self._engine._unregister(self)
 
 
@@ -342,8 +391,20 @@ class Fanout:
 
     def restart(self, sub: Subscription, users: set[str] | None) -> None:
         """Re-points a subscription to `users`, live from now: its origin moves here."""
-        sub.origin = self.position()
+        self.rejoin(sub)
         self._reindex(sub, users)
+
+    def rejoin(self, sub: Subscription) -> None:
+        """Live again from now: its origin (and so its `given`) moves here, and the engine
+        pushes to it from the next event on. What lies between where its owner stands and the
+        origin is the owner's to replay (`replay`), as after a resume."""
+        sub.origin = sub.given = self.position()
+        sub.lagging = False
+
+    def lag(self, sub: Subscription, position: Position) -> int:
+        """Events of the partitions `sub` follows between `position` and the engine's."""
+        return sum(max(0, self._pos[p] - position.offsets[p])
+                   for p in sub.partitions(self.partitions))
 
     async def reach(self, resume: Position) -> None:
         """Checks `resume` is from this history (same epoch). A token handed out by a faster
@@ -370,18 +431,19 @@ class Fanout:
             )
 
     async def replay(
-        self, sub: Subscription, start: Position
+        self, sub: Subscription, start: Position, until: Position | None = None,
     ) -> AsyncIterator[tuple[list[Encoded], Position]]:
-        """The events after `start` up to the subscription's origin that match it, in chunks,
-        each with the position it brings the subscriber to. Raises HistoryLost when the
-        history no longer reaches back to `start`."""
+        """The events after `start` up to `until` (default: the subscription's origin) that
+        match it, in chunks, each with the position it brings the subscriber to. Raises
+        HistoryLost when the history no longer reaches back to `start`."""
+        end = sub.origin if until is None else until
         progress = list(start.offsets)
         wanted = sub.partitions(self.partitions)
         for p in range(self.partitions):
             if p not in wanted:
-                progress[p] = sub.origin.offsets[p]  # nothing there can match
+                progress[p] = end.offsets[p]  # nothing there can match
         for p in sorted(wanted):
-            target = sub.origin.offsets[p]
+            target = end.offsets[p]
             while progress[p] < target:
                 events, encoded = await self.history.encoded(
                     p, progress[p], min(_REPLAY_CHUNK, target - progress[p]), start.epoch

@@ -53,8 +53,23 @@ EVENTS_DELIVERED = Counter("hub_events_delivered", "Events handed to subscriber 
 QUEUED_EVENTS = Gauge("hub_subscriber_queued_events",
                       "Events waiting in subscriber buffers (all subscriptions)",
                       registry=REGISTRY)
-SLOW_CONSUMERS = Counter("hub_slow_consumer_disconnects",
-                         "Subscribers cut with RESOURCE_EXHAUSTED", registry=REGISTRY)
+SLOW_CONSUMERS = Counter(
+    "hub_slow_consumer_disconnects",
+    "Subscribers cut for falling behind: past their buffer bound, they read the history at"
+    " their own pace, and are cut only when their position leaves it", registry=REGISTRY)
+# In-server catch-up (hub.fanout): a subscriber past its buffer bound reads the history from
+# its position instead of being cut, then rejoins the live feed.
+CATCHUP_SUBSCRIBERS = Gauge(
+    "hub_catchup_subscribers",
+    "Subscribers past their buffer bound, reading the history at their own pace (not yet"
+    " back on the live feed)", registry=REGISTRY)
+CATCHUP_LAG = Histogram(
+    "hub_catchup_lag_events",
+    "How far a catching-up subscriber is behind the live feed (events of the partitions it"
+    " follows), at each step of its catch-up",
+    buckets=(10, 100, 1_000, 10_000, 100_000, 1_000_000), registry=REGISTRY)
+CATCHUPS = Counter("hub_catchups_completed",
+                   "Catch-ups that rejoined the live feed with no gap", registry=REGISTRY)
 RESUMES = Counter("hub_resumes", "Subscriptions resumed from a token, by outcome",
                   ["outcome"], registry=REGISTRY)
 GAP_REPAIRS = Counter("hub_gap_repairs", "Gaps in the live feed repaired from history",

@@ -18,11 +18,15 @@ Heartbeats are due `heartbeat_interval` after a stream's last response. One time
 one timer per stream: an idle stream holds only what it must.
 
 Every way a stream ends with a status goes through its subscription: the reader fails it with
-a refused request, the engine with SlowConsumer or HistoryLost. The writer raises the error
-at its next turn, never in the middle of a write: gRPC cannot send a status while a cancelled
-write is still in flight (the call would hang with none). For a stalled client the engine has
-already dropped its buffer and unregistered it; the status reaches the client right after the
-responses it has not read yet, whenever it reads again (or keepalive ends a dead connection).
+a refused request, the engine with HistoryLost (an epoch change, events lost before delivery).
+The writer raises the error at its next turn, never in the middle of a write: gRPC cannot send
+a status while a cancelled write is still in flight (the call would hang with none).
+
+A stream too slow for the live feed is not cut: once its subscription's buffer passes its bound
+the engine drops the buffer and stops pushing to it (see hub.fanout), and the writer, whenever
+its client reads again, catches up from the history at the client's pace (`_catch_up`), then
+rejoins the live feed with no gap and no duplicate. Only a position that has left the history
+ends it (OUT_OF_RANGE), unless its first Subscribe asked for a resync by state.
 """
 
 from __future__ import annotations
@@ -80,6 +84,15 @@ def _size(items: list[Encoded]) -> int:
     """The bytes `items` take in a response, as _chunks counts them (summed in C: a replay
     storm sends millions of items)."""
     return sum(map(len, map(_EVENT_BYTES, items))) + 6 * len(items)
+
+
+def _conflated(items: list[Encoded]) -> list[Encoded]:
+    """The newest of each user's items (a conflated stream's replay responses)."""
+    latest: dict[str, Encoded] = {}
+    for item in items:
+        latest.pop(item.user_id, None)
+        latest[item.user_id] = item
+    return list(latest.values())
 
 
 def _chunks(items: list[Encoded], budget: int) -> list[list[Encoded]]:
@@ -330,11 +343,69 @@ class _Stream:
     async def write(self) -> None:
         while True:
             await self._sub.wait()
+            if self._sub.lagging:
+                # Controls wait until it is live again: a Subscribe acted on mid-catch-up
+                # would have its users' events replayed from before it.
+                await self._catch_up()
             # Send what was buffered before acting on new controls: a snapshot or replay
             # response must not carry a token past events still waiting here.
             await self._flush()
             if self._controls:
                 await self._act()
+
+    async def _catch_up(self) -> None:
+        """The subscription passed its buffer bound and the engine stopped pushing to it (see
+        hub.fanout): read the history from where the stream stands, at the client's pace (each
+        send waits for the client's flow control), towards the engine's position, which moves
+        meanwhile; once within half the bound, rejoin the live feed at the engine's position
+        P and replay up to P, as a resume does. Memory stays bounded: the engine buffers
+        nothing for it meanwhile, and a replay response holds at most _REPLAY_BATCH_BYTES."""
+        sub, fanout = self._sub, self._live.fanout
+        near = max(1, fanout.limits.max_events // 2)
+        try:
+            while sub.lagging:
+                if sub.error is not None:
+                    raise sub.error
+                start = sub.given
+                while True:
+                    lag = fanout.lag(sub, start)
+                    metrics.CATCHUP_LAG.observe(lag)
+                    if lag <= near:
+                        fanout.rejoin(sub)  # live from P = its new origin, pushed from now
+                        await self._replay(start)  # start..P: no gap, no duplicate
+                        break  # and round again if it fell behind during that replay
+                    until = fanout.position()
+                    await self._replay(start, until)
+                    start = until
+        except errors.HistoryLost:
+            metrics.SLOW_CONSUMERS.inc()  # fell out of the history: cut
+            raise
+        sub.caught_up()
+
+    async def _replay(self, start: Position, until: Position | None = None) -> None:
+        """Sends the events between `start` and `until` (default: the origin) that the
+        subscription wants, from the history, a few chunks per response, each response with
+        the token of where it brings the stream."""
+        sub = self._sub
+        batch: list[Encoded] = []
+        size, reached = 0, None
+        async for items, position in self._live.fanout.replay(sub, start, until):
+            if sub.error is not None:
+                raise sub.error  # ended meanwhile: a refused request, an epoch change, shutdown
+            batch += items
+            size += _size(items)
+            reached = position
+            if size >= _REPLAY_BATCH_BYTES:
+                await self._send_replayed(batch, position)
+                batch, size, reached = [], 0, None
+        if reached is not None:
+            await self._send_replayed(batch, reached)
+
+    async def _send_replayed(self, items: list[Encoded], position: Position) -> None:
+        if self._sub.conflate:
+            items = _conflated(items)
+        results, self._results = self._results or (), None
+        await self._send(items, resume.encode(position), results)
 
     async def _act(self) -> None:
         """Acts on the controls read so far, and on any the reader adds meanwhile."""
@@ -421,17 +492,7 @@ class _Stream:
                 await fanout.reach(start)
                 fanout.restart(self._sub, users)
                 self.token = request.resume_token
-                batch: list[Encoded] = []
-                size, reached = 0, None
-                async for items, position in fanout.replay(self._sub, start):
-                    batch += items
-                    size += _size(items)
-                    reached = position
-                    if size >= _REPLAY_BATCH_BYTES:
-                        await self._send(batch, resume.encode(position))
-                        batch, size, reached = [], 0, None
-                if reached is not None:
-                    await self._send(batch, resume.encode(reached))
+                await self._replay(start)
             except errors.HistoryLost as exc:
                 metrics.RESUMES.labels(exc.reason.lower()).inc()
                 raise
