@@ -443,8 +443,9 @@ async def test_a_feed_given_a_write_position_shows_the_write(
     with anyio.fail_after(20):
         async with feed:
             async for item in feed:
+                assert isinstance(item, SyncBatch), item
                 seen.extend(item.events)
-                if isinstance(item, SyncBatch) and item.snapshot_complete:
+                if item.snapshot_complete:
                     break
     assert [(e.user.email, e.user.name, e.user.version) for e in seen] == [
         ("hal@example.com", "Hal", 2)]

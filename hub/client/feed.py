@@ -115,7 +115,8 @@ class SyncFeed:
     through another instance is in what the feed shows (read-your-writes). It is sent until
     the first response arrives (an instance that cannot reach it in time answers UNAVAILABLE
     and the feed tries again, moving on to the next address), then dropped: later resumes
-    continue from a token past it.
+    continue from a token past it. A position of a history since replaced (EPOCH_CHANGED) is
+    dropped too, with the ContinuityLost that says so.
     """
 
     def __init__(
@@ -252,7 +253,12 @@ class SyncFeed:
         if code is grpc.StatusCode.OUT_OF_RANGE:
             self.resume_token, self._snapshot = "", True
             self._end_resync()
-            return _continuity_lost(err)
+            lost = _continuity_lost(err)
+            if lost.reason == _EPOCH_CHANGED:
+                # A min_position of the replaced history can never be reached (the hub would
+                # refuse it again): the snapshot of the new one is what there is to show.
+                self._min_position = ""
+            return lost
         if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
             for key, value in err.trailing_metadata() or ():
                 if key == RESUME_TOKEN_KEY and not self._snapshot and not self._resyncing:
@@ -263,6 +269,7 @@ class SyncFeed:
         raise err
 
 
+_EPOCH_CHANGED: Final = "EPOCH_CHANGED"
 _RESUMABLE: Final = frozenset({
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
     grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED,
