@@ -16,13 +16,15 @@ stdin closes. It builds its rows before replying ready; then, each on its comman
   least the import's `hub-position`, so no created user lies after T.
 - {"cmd": "change"}: changes --changed of the users (spread over the ids, so over every
   partition): --deleted of them DeleteUser, the others UpdateUser (a new name); 32 calls in
-  flight. Keeps what each user became (the version an update returned; a deletion).
+  flight. Keeps what each user became (the version an update returned; a deletion) and, from
+  each change's trailing `hub-position`, per partition the offset of the last change.
 - {"cmd": "resync"}: Sync with Subscribe(resume_token=T, catch_up=CATCH_UP_STATE), all users:
   reads until the response with `resync_complete` (inclusive) and checks the events against
   the changes made: every updated user exactly once as EVENT_TYPE_SNAPSHOT with resync=true at
   the version its update returned, every deleted user exactly once as EVENT_TYPE_DELETED with
-  resync=true, nothing else. A status instead (OUT_OF_RANGE: the server did not resync) is
-  reported with its google.rpc.ErrorInfo.
+  resync=true, nothing else; every response before it carries T (resuming from one runs the
+  resync again) and the completing one a token of the changes' epoch past every change. A
+  status instead (OUT_OF_RANGE: the server did not resync) is reported with its ErrorInfo.
 - {"cmd": "snapshot"}: Sync with Subscribe(snapshot=True), all users: reads until the response
   with `snapshot_complete` (inclusive); checks it sent every user left once.
 
@@ -41,6 +43,7 @@ import secrets
 import sys
 import time
 from collections import Counter
+from itertools import zip_longest
 from typing import Any
 
 import grpc
@@ -118,6 +121,9 @@ class Probe:
         self.token = ""  # T
         self.updated: dict[str, int] = {}  # id -> the version its update returned
         self.deleted: set[str] = set()
+        # Per partition the offset of the last change (their hub-positions), and its epoch.
+        self.written: list[int] = []
+        self.written_epoch = ""
 
     async def handle(self, command: dict[str, Any]) -> dict[str, Any]:
         handler = {"import": self.import_users, "token": self.take_token,
@@ -189,20 +195,30 @@ class Probe:
         every = count / deletes if deletes else 0
         doomed = {chosen[int(i * every)] for i in range(deletes)}
         errors: list[str] = []
+        positions: list[int] = []  # one per change that came with its hub-position
         gate = asyncio.Semaphore(_IN_FLIGHT)
 
         async def one(user_id: str) -> None:
             async with gate:
                 try:
+                    call: Any
                     if user_id in doomed:
-                        await self.users.DeleteUser(
+                        call = self.users.DeleteUser(
                             user_service_pb2.DeleteUserRequest(user_id=user_id), timeout=30)
+                        await call
                         self.deleted.add(user_id)
                     else:
-                        user = await self.users.UpdateUser(user_service_pb2.UpdateUserRequest(
+                        call = self.users.UpdateUser(user_service_pb2.UpdateUserRequest(
                             user=common_pb2.User(id=user_id, name=f"Renamed {user_id}"),
                             update_mask=field_mask_pb2.FieldMask(paths=["name"])), timeout=30)
-                        self.updated[user_id] = user.version
+                        self.updated[user_id] = (await call).version
+                    written = dict(await call.trailing_metadata() or ()).get(POSITION_KEY)
+                    if written:
+                        positions.append(1)
+                        epoch, offsets = _position(str(written))
+                        self.written_epoch = epoch
+                        self.written = [max(a, b) for a, b in
+                                        zip_longest(self.written, offsets, fillvalue=0)]
                 except grpc.aio.AioRpcError as err:
                     if len(errors) < _MAX_PROBLEMS:
                         errors.append(f"{user_id}: {_status(err)}")
@@ -210,7 +226,8 @@ class Probe:
         started = time.perf_counter()
         await asyncio.gather(*(one(u) for u in chosen))
         return {"seconds": time.perf_counter() - started, "chosen": count,
-                "updated": len(self.updated), "deleted": len(self.deleted), "errors": errors}
+                "updated": len(self.updated), "deleted": len(self.deleted),
+                "positions": len(positions), "errors": errors}
 
     async def resync(self) -> dict[str, Any]:
         subscribe = common_pb2.Subscribe(resume_token=self.token,
@@ -243,9 +260,11 @@ class Probe:
             if other:
                 problems.append("events other than resync ones before resync_complete: "
                                 + ", ".join(f"{n:,} {k}" for k, n in other.most_common()))
+            problems += self._token_problems(out.pop("tokens"))
         changes = len(self.updated) + len(self.deleted)
         if out["users"] != changes and not out["error"]:
             problems.insert(0, f"sent {out['users']:,} users for {changes:,} changed")
+        out.pop("tokens", None)
         return {**out, "updated": sum(updated.values()), "deleted": sum(deleted.values()),
                 "other": sum(other.values()), "changes": changes}
 
@@ -272,7 +291,29 @@ class Probe:
             if other:
                 problems.append("events other than snapshot ones: "
                                 + ", ".join(f"{n:,} {k}" for k, n in other.most_common()))
+        out.pop("tokens")
         return {**out, "expected": len(self.ids) - len(self.deleted)}
+
+    def _token_problems(self, tokens: list[str]) -> list[str]:
+        """The resync's responses before resync_complete carry T (resuming from them runs the
+        resync again); the completing one a token of the current epoch past every change."""
+        out = []
+        early = sum(1 for t in tokens[:-1] if t != self.token)
+        if early:
+            out.append(f"{early} of {len(tokens) - 1} responses before resync_complete carry"
+                       " another token than the one resumed from")
+        if not tokens or not tokens[-1]:
+            return [*out, "the resync_complete response carries no token"]
+        epoch, offsets = _position(tokens[-1])
+        behind = [p for p, (o, w) in enumerate(zip(offsets, self.written, strict=False))
+                  if o < w]
+        if self.written_epoch and epoch != self.written_epoch:
+            out.append(f"the resync_complete token is of epoch {epoch}, the changes of"
+                       f" {self.written_epoch}")
+        elif behind:
+            out.append(f"the resync_complete token is behind the changes in partitions"
+                       f" {behind[:8]}")
+        return out
 
     async def _measure(self, subscribe: common_pb2.Subscribe, complete: str,
                        take: Any) -> dict[str, Any]:
@@ -281,6 +322,7 @@ class Probe:
         problems: list[str] = []
         error = ""
         complete_seen = False
+        tokens: list[str] = []  # each response's
         started = time.perf_counter()
         call = self.sync(timeout=_CALL_TIMEOUT)
         try:
@@ -298,6 +340,7 @@ class Probe:
                 users += len(response.events)
                 for event in response.events:
                     take(event)
+                tokens.append(response.resume_token)
                 if getattr(response, complete):
                     seconds = time.perf_counter() - started
                     complete_seen = True
@@ -309,7 +352,7 @@ class Probe:
         if not complete_seen:
             seconds = time.perf_counter() - started
         return {"users": users, "bytes": size, "seconds": seconds, "first_s": first,
-                "responses": responses, "complete": complete_seen,
+                "responses": responses, "complete": complete_seen, "tokens": tokens,
                 "problems": problems[:_MAX_PROBLEMS], "error": error}
 
 

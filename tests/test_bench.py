@@ -17,9 +17,9 @@ import pytest
 from harness.redis import REDIS_SERVER
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("fanout", "latency", "bulk", "import", "getuser", "idle")
+SECTIONS = ("fanout", "latency", "bulk", "import", "getuser", "idle", "resync")
 # Sections whose figures stand beside a ceiling measured in the same run.
-WITH_CEILING = ("fanout", "bulk", "import", "getuser", "idle")
+WITH_CEILING = ("fanout", "bulk", "import", "getuser", "idle", "resync")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 pytestmark = [
@@ -137,6 +137,30 @@ def test_cluster_section_measures_one_node_and_a_cluster_side_by_side(tmp_path: 
         ms = row["details"]["percentiles_ms"]
         assert 0 < ms["p50"] <= ms["p99"] <= ms["p99.9"], row
     assert "cluster of 3 masters (128 partitions)" in (out / "bench.md").read_text()
+
+
+def test_resync_section_sends_only_the_changed_users_beside_a_snapshot(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench", "--quick", "--only", "resync",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=90, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [row] = json.loads((out / "bench.json").read_text())["sections"]["resync"]["rows"]
+    assert row["status"] == "ok", row
+    details = row["details"]
+    changed = details["changed"]
+    assert changed["updated"] == 45 and changed["deleted"] == 5  # 1% of 5,000, 10% deleted
+    [resync], [snapshot] = details["resync"], details["snapshot"]
+    assert (resync["updated"], resync["deleted"], resync["other"]) == (45, 5, 0), resync
+    assert resync["users"] == 50 and resync["complete"] and not resync["problems"]
+    assert snapshot["users"] == 4_995 and snapshot["complete"], snapshot
+    assert 0 < resync["bytes"] < snapshot["bytes"] / 20
+    assert row["hub"] == pytest.approx(resync["bytes"] / 1024)
+    assert row["ceiling"] == pytest.approx(snapshot["bytes"] / 1024)
+    assert _number(row["ratio"]) and row["met"] in (True, False)
+    assert resync["cpu_ms"]["hub A"] < snapshot["cpu_ms"]["hub A"]
 
 
 def test_an_older_hub_is_measured_in_the_states_it_has() -> None:

@@ -1,7 +1,7 @@
 """hub bench: every headline figure of hub, each beside a ceiling measured in the same run.
 
     .venv/bin/python -m loadtest.bench [--out bench-results] [--quick]
-        [--only fanout,latency,bulk,import,getuser,idle] [--no-workers-per-core]
+        [--only fanout,latency,bulk,import,getuser,idle,resync] [--no-workers-per-core]
         [--latency-rates 200,1000,5000]
     .venv/bin/python -m loadtest.bench --only access-log [--access-log-before DIR]
     .venv/bin/python -m loadtest.bench --only cluster [--cluster-replicas 1]
@@ -33,6 +33,14 @@ Sections (--only picks some; all of them take about 3 minutes on 2 cores, --quic
   connections), each subscribed to a user nobody writes: RSS of the settled hub after minus
   before (taken after a warm-up of a few streams), over the streams. Ceiling: a raw grpc.aio
   server holding as many idle bidi streams, opened and measured the same way.
+- resync: what a subscriber whose token has left the history costs when it resumes by state
+  (Subscribe.catch_up = CATCH_UP_STATE) against a full snapshot (Subscribe.snapshot), on one
+  hub (1 worker, --history-max-age 3) with 100,000 imported users of which 1% were changed
+  after the token (90% renamed, 10% deleted) and the history then expired whole: users sent,
+  SyncResponse bytes and seconds to resync_complete beside snapshot_complete's, with the
+  hub's and Redis's CPU for each (best of 3, alternating). The resync must send every changed
+  user exactly once (updated as EVENT_TYPE_SNAPSHOT, deleted as EVENT_TYPE_DELETED, both
+  resync=true) and nothing else. The client is `loadtest.resync_probe`.
 - access-log (only with --only: not in the default run): the getuser load against a
   1-worker hub with the access log off (--no-access-log), on in text, on in JSON and sampled
   (1%), all at --log-level INFO with the hub's output in a file; 3 alternating rounds, each
@@ -96,6 +104,7 @@ from loadtest.bench.latency import LatencySection
 from loadtest.bench.plan import EXTRA_SECTIONS, QUICK, SECTIONS, Plan
 from loadtest.bench.procs import BenchError, cpu_model, nproc, start_redis, stop
 from loadtest.bench.report import ERROR, Report, Row, write_outputs
+from loadtest.bench.resync import ResyncSection
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +206,7 @@ def run(plan: Plan, only: list[str], per_core: bool, quick: bool = False,
 
 
 class Bench(FanoutSection, LatencySection, BulkSection, ImportSection, AccessLogSection,
-            GetUserSection, IdleSection, ClusterSection):
+            GetUserSection, IdleSection, ClusterSection, ResyncSection):
     """One run: every section (each a class over BenchBase, in its own module; the access-log
     section over the getuser one, whose load it reuses), run in the order --only names them."""
 
@@ -206,6 +215,7 @@ class Bench(FanoutSection, LatencySection, BulkSection, ImportSection, AccessLog
             "fanout": self.run_fanout, "latency": self.run_latency, "bulk": self.run_bulk,
             "import": self.run_import, "getuser": self.run_getuser, "idle": self.run_idle,
             "access-log": self.run_access_log, "cluster": self.run_cluster,
+            "resync": self.run_resync,
         }
         for n, name in enumerate(only, 1):
             _say(f"[{n}/{len(only)}] {name}")

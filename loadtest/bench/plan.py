@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SECTIONS = ("fanout", "latency", "bulk", "import", "getuser", "idle")
+SECTIONS = ("fanout", "latency", "bulk", "import", "getuser", "idle", "resync")
 # Sections only --only runs: what they measure is a choice of configuration, not a headline.
 EXTRA_SECTIONS = ("access-log", "cluster")
 # Targets (2-core machine) the bench lets us check; see the docstring of __main__.py.
@@ -16,6 +16,8 @@ BULK_TARGET_RATIO = 0.70
 IMPORT_TARGET = 50_000.0
 GETUSER_TARGET_RATIO = 0.70
 IDLE_TARGET_RATIO = 1.5
+# A resync by state of 1% changed users: its bytes and seconds against a full snapshot's.
+RESYNC_TARGET_RATIO = 0.05
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,15 @@ class Plan:
     idle_clients: int = 4  # processes
     idle_channels: int = 10  # connections per process
     drain_timeout: float = 30.0
+    # The resync section: a token T taken after importing resync_users, resync_changed of them
+    # changed (resync_deleted of those deleted), the history expired (hubs run with
+    # --history-max-age resync_history_age); then a resync by state from T beside a full
+    # snapshot, alternating, resync_runs of each (the best of each counts).
+    resync_users: int = 100_000
+    resync_changed: float = 0.01
+    resync_deleted: float = 0.10
+    resync_history_age: float = 3.0
+    resync_runs: int = 3
 
 
 QUICK = Plan(
@@ -64,5 +75,5 @@ QUICK = Plan(
     latency_duration=1.5, bulk_users=3_000, redis_users=20_000, import_users=20_000,
     import_rows=500, getuser_duration=1.5, getuser_users=200, idle_streams=500,
     idle_clients=2, idle_channels=4, drain_timeout=15.0, stream_runs=1,
-    getuser_runs=1, access_log_rounds=1, cluster_idle=1.0,
+    getuser_runs=1, access_log_rounds=1, cluster_idle=1.0, resync_users=5_000, resync_runs=1,
 )
