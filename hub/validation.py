@@ -120,14 +120,27 @@ def subscribe_size_violation(ids: int, most: int) -> FieldViolation | None:
 
 
 def first_subscribe_violations(
-    nth: int, resume_token: bool, conflate: bool
+    nth: int, resume_token: bool, conflate: bool, catch_up: bool = False,
+    min_position: bool = False,
 ) -> list[FieldViolation]:
-    """A resume token and conflation set up a stream: only its first Subscribe may ask."""
+    """A resume token, conflation, a catch-up mode and a min_position set up a stream: only
+    its first Subscribe may ask."""
     if nth <= 1:
         return []
     return [FieldViolation(f"subscribe.{name}", "only on a stream's first Subscribe")
-            for name, asked in (("resume_token", resume_token), ("conflate", conflate))
+            for name, asked in (("resume_token", resume_token), ("conflate", conflate),
+                                ("catch_up", catch_up), ("min_position", min_position))
             if asked]
+
+
+# Subscribe.catch_up's values (user.v1.CatchUp): unspecified, state.
+CATCH_UP_MODES = (0, 1)
+
+
+def catch_up_violation(mode: int) -> FieldViolation | None:
+    if mode not in CATCH_UP_MODES:
+        return FieldViolation("subscribe.catch_up", f"unknown catch-up mode {mode}")
+    return None
 
 
 def stream_users_over(followed: int, most: int) -> LimitExceeded | None:

@@ -217,3 +217,37 @@ async def test_subscriber_that_falls_out_of_the_history_is_cut_with_details(
         assert len(set(keys)) == len(keys) < len(written)
         assert dict(err.trailing_metadata() or ())["hub-resume-token"] == token
     assert metric("hub_slow_consumer_disconnects_total") == cuts + 1
+
+
+async def test_subscriber_that_falls_out_of_the_history_resyncs_by_state_if_it_asked(
+    tight: HubServer,
+) -> None:
+    target = f"127.0.0.1:{tight.port}"
+    cuts = metric("hub_slow_consumer_disconnects_total")
+    async with grpc.aio.insecure_channel(target) as channel, \
+            grpc.aio.insecure_channel(target, options=SMALL_WINDOW) as slow:
+        stalled = await subscribed(UserSyncServiceStub(slow), catch_up=common_pb2.CATCH_UP_STATE)
+        stub = UserServiceStub(channel)
+        written = await write(stub, 3000, 100, "r")
+        # What it gets: the live events it had been sent, the rest as resync events, then
+        # resync_complete, then live again.
+        view: dict[str, int] = {}
+        resynced = 0
+        with anyio.fail_after(60):
+            while True:
+                response = await stalled.read()
+                for e in response.events:
+                    assert e.user.version > view.get(e.user.id, 0)  # never older, never twice
+                    view[e.user.id] = e.user.version
+                    resynced += e.resync
+                if response.resync_complete:
+                    break
+        assert resynced > 0
+        assert view == {i: v for i, v in written if (i, v + 1) not in written}
+        probe = await stub.CreateUser(pb.CreateUserRequest(email="probe@example.com"), timeout=5)
+        with anyio.fail_after(10):
+            while not (response := await stalled.read()).events:
+                pass
+        assert [(e.user.id, e.resync) for e in response.events] == [(probe.id, False)]
+        stalled.cancel()
+    assert metric("hub_slow_consumer_disconnects_total") == cuts

@@ -45,14 +45,16 @@ from hub import errors, metrics, resume
 from hub.api.user.v1 import common_pb2, user_sync_service_pb2
 from hub.commands import Commands
 from hub.domain import Position, User
+from hub.errors import EPOCH_CHANGED, HISTORY_EXPIRED, SNAPSHOT
 from hub.fanout import Encoded, Fanout, Subscription
 from hub.principal import READ, caller
 from hub.resume import RESUME_TOKEN_KEY
 from hub.rpc.errors import WithTrailing, code_of
-from hub.rpc.wire import change_of, encode_snapshot, sync_response, user_to_pb
+from hub.rpc.wire import change_of, encode_snapshot, sync_response, timestamp, user_to_pb
 from hub.settings import Settings
 from hub.store.base import Store
 from hub.validation import (
+    catch_up_violation,
     check,
     first_subscribe_violations,
     stream_users_over,
@@ -239,8 +241,8 @@ class LiveStreams:
 class _Stream:
     # Slots, and lists made only when there is something to put in them: one of these lives
     # for every open stream, and most are idle.
-    __slots__ = ("_active", "_batched", "_beat", "_context", "_controls", "_live", "_results",
-                 "_sub", "_subscribes", "_taken", "token")
+    __slots__ = ("_active", "_batched", "_beat", "_by_state", "_context", "_controls", "_live",
+                 "_results", "_sub", "_subscribes", "_taken", "token")
 
     def __init__(
         self, live: LiveStreams, sub: Subscription, context: Context, batched: bool
@@ -255,6 +257,9 @@ class _Stream:
         self._subscribes = 0  # Subscribe requests read so far
         self._active = False  # the writer has set up the first subscription
         self._beat = False  # a heartbeat is due
+        # Its first Subscribe asked for a resync by state (catch_up = CATCH_UP_STATE) where
+        # its position has left the history, instead of OUT_OF_RANGE.
+        self._by_state = False
         self.token = ""  # the resume token of the last response sent
 
     def beat(self) -> None:
@@ -312,11 +317,15 @@ class _Stream:
         check(subscribe_size_violation(len(sub.user_ids), settings.max_subscription_users))
         check(
             *await _id_violations(sub.user_ids, "subscribe.user_ids"),
-            *first_subscribe_violations(self._subscribes, bool(sub.resume_token), sub.conflate),
+            *first_subscribe_violations(self._subscribes, bool(sub.resume_token), sub.conflate,
+                                        bool(sub.catch_up), bool(sub.min_position)),
+            catch_up_violation(sub.catch_up),
         )
+        partitions = self._live.fanout.partitions
         if sub.resume_token:
-            resume.decode(sub.resume_token, self._live.fanout.partitions,
-                          "subscribe.resume_token")
+            resume.decode(sub.resume_token, partitions, "subscribe.resume_token")
+        if sub.min_position:
+            resume.decode(sub.min_position, partitions, "subscribe.min_position")
 
     async def _change(self, change: Any) -> None:
         if not self._batched:
@@ -367,16 +376,21 @@ class _Stream:
                 if sub.error is not None:
                     raise sub.error
                 start = sub.given
-                while True:
-                    lag = fanout.lag(sub, start)
-                    metrics.CATCHUP_LAG.observe(lag)
-                    if lag <= near:
-                        fanout.rejoin(sub)  # live from P = its new origin, pushed from now
-                        await self._replay(start)  # start..P: no gap, no duplicate
-                        break  # and round again if it fell behind during that replay
-                    until = fanout.position()
-                    await self._replay(start, until)
-                    start = until
+                try:
+                    while True:
+                        lag = fanout.lag(sub, start)
+                        metrics.CATCHUP_LAG.observe(lag)
+                        if lag <= near:
+                            fanout.rejoin(sub)  # live from P = its new origin, pushed from now
+                            await self._replay(start)  # start..P: no gap, no duplicate
+                            break  # and round again if it fell behind during that replay
+                        until = fanout.position()
+                        await self._replay(start, until)
+                        start = until
+                except errors.HistoryLost as exc:
+                    if not self._resyncs(exc):
+                        raise
+                    await self._resync()  # live again from its end (or round again)
         except errors.HistoryLost:
             metrics.SLOW_CONSUMERS.inc()  # fell out of the history: cut
             raise
@@ -431,9 +445,10 @@ class _Stream:
     async def _send(
         self, items: list[Encoded], token: str,
         results: Iterable[user_sync_service_pb2.ChangeResult] = (), complete: bool = False,
+        resynced: bool = False,
     ) -> None:
-        """Sends `items`, then a tail with `token`, `results` and snapshot_complete=`complete`
-        (UserUpdates sends only the items)."""
+        """Sends `items`, then a tail with `token`, `results`, snapshot_complete=`complete` and
+        resync_complete=`resynced` (UserUpdates sends only the items)."""
         # The token moves before the write: once handed to gRPC the message is queued ahead of
         # any status, so a stream cut while this write waits on a stalled client still
         # delivers it, and the token given with RESOURCE_EXHAUSTED must be past it.
@@ -451,7 +466,8 @@ class _Stream:
             # where idle streams can all share one (see LiveStreams.token).
             self.token = token
             tail = user_sync_service_pb2.SyncResponse(
-                resume_token=token, results=results, snapshot_complete=complete)
+                resume_token=token, results=results, snapshot_complete=complete,
+                resync_complete=resynced)
             await self._context.write(sync_response(chunks[-1], tail))
             return
         # UserUpdates sends one message per event, so a cut can fall between them: the token
@@ -473,6 +489,7 @@ class _Stream:
             if users is not None:
                 await self._check_stream_users(list(users), set())
             self._sub.conflate = request.conflate
+            self._by_state = request.catch_up == common_pb2.CATCH_UP_STATE
             self._active = True
             if self._batched:  # UserUpdates has no heartbeats
                 self._live.heartbeats.add(self)
@@ -492,7 +509,14 @@ class _Stream:
                 await fanout.reach(start)
                 fanout.restart(self._sub, users)
                 self.token = request.resume_token
-                await self._replay(start)
+                try:
+                    await self._replay(start)
+                except errors.HistoryLost as exc:
+                    if not self._resyncs(exc):
+                        raise
+                    await self._resync()
+                    metrics.RESUMES.labels("resynced").inc()
+                    return
             except errors.HistoryLost as exc:
                 metrics.RESUMES.labels(exc.reason.lower()).inc()
                 raise
@@ -501,6 +525,57 @@ class _Stream:
         fanout.restart(self._sub, users)
         if not self.token:
             self.token = self._live.token(self._sub.origin)
+
+    def _resyncs(self, lost: errors.HistoryLost) -> bool:
+        """Whether this stream resyncs by state rather than end with `lost`: its first
+        Subscribe asked, and the history was trimmed (an epoch change is another history:
+        nothing since the position can be trusted)."""
+        return self._by_state and lost.reason == HISTORY_EXPIRED
+
+    async def _resync(self) -> None:
+        """Resync by state, from where the stream stands (its last token): every followed
+        user changed since, at its current state, and every one deleted since, as resync
+        events; then resync_complete with the token of the subscription's origin; then live.
+
+        The subscription is live from its origin on (rejoined here if it was lagging), and
+        the state is read after it, so it covers every change up to the origin; a change
+        after it may show in both (its version tells). Until resync_complete, responses keep
+        the token the stream stood at: cut meanwhile, a resume resyncs again from it.
+
+        Not gated on users:read as a snapshot is: it shows only users changed since a
+        position whose events the subscriber was entitled to, and they carried the same
+        records."""
+        sub, fanout = self._sub, self._live.fanout
+        if sub.lagging:
+            fanout.rejoin(sub)
+        token = self.token
+        since = resume.decode(token, fanout.partitions)
+        store = self._live.ops.store
+        for p in sorted(sub.partitions(fanout.partitions)):
+            cursor: int | None = None
+            while True:
+                page = await store.state_since(p, since.offsets[p], cursor, _SNAPSHOT_PAGE)
+                if sub.error is not None:
+                    raise sub.error
+                if page is None:
+                    raise errors.HistoryLost(
+                        HISTORY_EXPIRED, f"changes after offset {since.offsets[p]} of"
+                        f" partition {p} are older than the tombstone retention: a resync by"
+                        " state cannot tell every deletion since; start again from a snapshot",
+                        action=SNAPSHOT)
+                if since.epoch and page.epoch != since.epoch:
+                    raise errors.HistoryLost(
+                        EPOCH_CHANGED, f"history epoch {since.epoch} is gone (now"
+                        f" {page.epoch}): the event history was reset; start again from a"
+                        " snapshot")
+                items = [_encode_resynced(u, False) for u in page.users if sub.matches(u.id)]
+                items += [_encode_resynced(u, True) for u in page.deleted if sub.matches(u.id)]
+                if items:
+                    await self._send(items, token)
+                if page.cursor is None:
+                    break
+                cursor = page.cursor
+        await self._send([], self._live.token(sub.origin), resynced=True)
 
     async def _add(self, users: set[str] | None) -> None:
         """A later Subscribe: its users join the subscription, each live from when it is
@@ -558,6 +633,18 @@ class _Stream:
                 await self._send(found, self.token)
         if self._batched:
             await self._send([], self.token, complete=True)
+
+
+def _encode_resynced(user: User, deleted: bool) -> Encoded:
+    """A resync event: a changed user's current state (EVENT_TYPE_SNAPSHOT), or a deleted
+    user as its tombstone carries it, with deleted_at as its delete event had it (rare
+    enough to be encoded per stream, unlike live events)."""
+    pb = user_to_pb(user)
+    if deleted:
+        pb.deleted_at.CopyFrom(timestamp(user.updated_at))
+    kind = common_pb2.EVENT_TYPE_DELETED if deleted else common_pb2.EVENT_TYPE_SNAPSHOT
+    event = common_pb2.UserEvent(type=kind, user=pb, resync=True)
+    return Encoded(user.id, event.SerializeToString(), pb.SerializeToString())
 
 
 async def _get(store: Store, user_id: str) -> User | None:
