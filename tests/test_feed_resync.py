@@ -223,3 +223,63 @@ async def test_hub_watch_resumes_by_state_and_says_so(
     assert "1 users changed and 1 deleted" in resynced, resynced
     printed = [row for row in out.splitlines() if '"resync": true' in row]
     assert len(printed) == 2 and any("EVENT_TYPE_DELETED" in row for row in printed), out
+
+
+async def test_a_resync_cut_midway_runs_again_on_the_other_instance(
+    redis_url: str, hub_process: Callable[..., HubProcess],
+) -> None:
+    a, b = (hub_process(redis_url, args=SMALL, **FAST) for _ in range(2))
+    async with AsyncUserClient(a.target) as users:
+        await users.create_user("first@example.com")
+        view, token = await snapshot_view(a.target)
+        # Many users changed since the token: a resync of many responses.
+        await users.import_users(
+            [pb.CreateUserRequest(email=f"u{i}@example.com") for i in range(3000)])
+        items: list[SyncBatch | ContinuityLost] = []
+        feed = SyncFeed([a.target, b.target], resume_token=token, backoff=(0.05, 0.2))
+        with anyio.fail_after(60):
+            async with feed:
+                async for item in feed:
+                    items.append(item)
+                    assert isinstance(item, SyncBatch), item
+                    for event in item.events:
+                        apply(view, event)
+                    if item.resync and len(items) == 1:
+                        a.kill()  # cut in the middle: the feed goes on on B, from the old token
+                        assert feed.resume_token == token
+                    if isinstance(item, Resynced):
+                        break
+        assert feed.reconnects == 1
+        first = items[0]
+        assert isinstance(first, SyncBatch) and first.resync and not isinstance(first, Resynced)
+        done = items[-1]
+        assert isinstance(done, Resynced) and len(done.updated) == 3000
+    async with AsyncUserClient(b.target) as other:
+        assert view == await hub_view(other)
+
+
+async def test_beyond_the_tombstone_retention_it_is_continuity_lost_and_a_snapshot(
+    redis_url: str, hub_process: Callable[..., HubProcess],
+) -> None:
+    hub = hub_process(redis_url, args=[*SMALL, "--tombstone-retention", "1"], **FAST)
+    async with AsyncUserClient(hub.target) as users:
+        ada = await users.create_user("ada@example.com")
+        gone = await users.create_user("gone@example.com")
+        _, token = await snapshot_view(hub.target)
+        await users.delete_user(gone.id)
+        await anyio.sleep(1.5)  # its tombstone's retention passes
+        await trim(users, ada.id)
+        feed = SyncFeed(hub.target, resume_token=token)
+        items: list[SyncBatch | ContinuityLost] = []
+        with anyio.fail_after(30):
+            async with feed:
+                async for item in feed:
+                    items.append(item)
+                    if isinstance(item, SyncBatch) and item.snapshot_complete:
+                        break
+    lost = items[0]
+    # A deletion since the token can no longer be told: a resync would miss it.
+    assert isinstance(lost, ContinuityLost), items
+    assert (lost.reason, lost.action) == ("HISTORY_EXPIRED", "SNAPSHOT")
+    snapshot = [e.user.id for i in items[1:] if isinstance(i, SyncBatch) for e in i.events]
+    assert snapshot == [ada.id]
