@@ -5,6 +5,7 @@
         [--latency-rates 200,1000,5000]
     .venv/bin/python -m loadtest.bench --only access-log [--access-log-before DIR]
     .venv/bin/python -m loadtest.bench --only cluster [--cluster-replicas 1]
+    .venv/bin/python -m loadtest.bench --only catchup
 
 Starts its own `redis-server` (free port, no persistence) and `python -m hub serve`
 subprocesses (HUB_LOG_LEVEL=WARNING, write rate limit off, 10000 streams per connection), all
@@ -54,6 +55,13 @@ Sections (--only picks some; all of them take about 3 minutes on 2 cores, --quic
   the fanout load also on the single node with --partitions 128. Every row gives the CPU each
   Redis node (per master and summed) and the hubs spent per event written, and which process
   (client, hub or Redis) was at a core's limit or waited for a CPU.
+- catchup (only with --only: not in the default run; about 1 1/2 minutes, --quick half a
+  minute): the latency load at 1000 writes/s on hubs with --subscriber-max-events 2000,
+  without (A) and with (B) one more subscriber on the first instance that stops reading until
+  60% of the writes are made, so its buffer overflows and it catches up from the history,
+  then reads everything; 2 rounds of A then B. Rows: the 20's p50/p99 in B beside A, over the
+  whole run and over its catch-up; it must not be cut and must get every event exactly once.
+  The stalled client is `loadtest.stall_probe`.
 
 fanout and getuser run once with 1 worker per instance and once with one per core (`hub serve
 --workers N`), when this checkout's `hub serve` has --workers (otherwise those rows say
@@ -95,6 +103,7 @@ import redis
 from loadtest.bench.access_log import AccessLogSection
 from loadtest.bench.base import _say
 from loadtest.bench.bulk import BulkSection
+from loadtest.bench.catchup import CatchupSection
 from loadtest.bench.cluster import ClusterSection
 from loadtest.bench.fanout import FanoutSection
 from loadtest.bench.getuser import GetUserSection
@@ -206,7 +215,7 @@ def run(plan: Plan, only: list[str], per_core: bool, quick: bool = False,
 
 
 class Bench(FanoutSection, LatencySection, BulkSection, ImportSection, AccessLogSection,
-            GetUserSection, IdleSection, ClusterSection, ResyncSection):
+            GetUserSection, IdleSection, ClusterSection, ResyncSection, CatchupSection):
     """One run: every section (each a class over BenchBase, in its own module; the access-log
     section over the getuser one, whose load it reuses), run in the order --only names them."""
 
@@ -215,7 +224,7 @@ class Bench(FanoutSection, LatencySection, BulkSection, ImportSection, AccessLog
             "fanout": self.run_fanout, "latency": self.run_latency, "bulk": self.run_bulk,
             "import": self.run_import, "getuser": self.run_getuser, "idle": self.run_idle,
             "access-log": self.run_access_log, "cluster": self.run_cluster,
-            "resync": self.run_resync,
+            "resync": self.run_resync, "catchup": self.run_catchup,
         }
         for n, name in enumerate(only, 1):
             _say(f"[{n}/{len(only)}] {name}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 SECTIONS = ("fanout", "latency", "bulk", "import", "getuser", "idle", "resync")
 # Sections only --only runs: what they measure is a choice of configuration, not a headline.
-EXTRA_SECTIONS = ("access-log", "cluster")
+EXTRA_SECTIONS = ("access-log", "cluster", "catchup")
 # Targets (2-core machine) the bench lets us check; see the docstring of __main__.py.
 FANOUT_TARGET = 300_000.0
 LATENCY_TARGET_RATE = 200.0
@@ -18,6 +18,8 @@ GETUSER_TARGET_RATIO = 0.70
 IDLE_TARGET_RATIO = 1.5
 # A resync by state of 1% changed users: its bytes and seconds against a full snapshot's.
 RESYNC_TARGET_RATIO = 0.05
+# The 20 subscribers' p99 with one stalled subscriber catching up, against a run without it.
+CATCHUP_TARGET_RATIO = 1.2
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,15 @@ class Plan:
     resync_deleted: float = 0.10
     resync_history_age: float = 3.0
     resync_runs: int = 3
+    # The catchup section: the latency load at catchup_rate writes/s for catchup_duration s on
+    # hubs with --subscriber-max-events catchup_max_events, without and with one subscriber
+    # that stops reading until catchup_stall of the writes are made; catchup_rounds of each,
+    # alternating.
+    catchup_rate: float = 1000.0
+    catchup_duration: float = 10.0
+    catchup_stall: float = 0.6
+    catchup_max_events: int = 2000
+    catchup_rounds: int = 2
 
 
 QUICK = Plan(
@@ -76,4 +87,5 @@ QUICK = Plan(
     import_rows=500, getuser_duration=1.5, getuser_users=200, idle_streams=500,
     idle_clients=2, idle_channels=4, drain_timeout=15.0, stream_runs=1,
     getuser_runs=1, access_log_rounds=1, cluster_idle=1.0, resync_users=5_000, resync_runs=1,
+    catchup_duration=3.0, catchup_max_events=500, catchup_rounds=1,
 )
