@@ -130,6 +130,7 @@ if #applied == 0 then
   return out
 end
 local events = {}
+local tracked = {}  -- ZADD arguments (offset, id, ...) of the change offsets
 for _, a in ipairs(applied) do
   local op, user_key, offset = a[1], a[2], a[3]
   local kind, id = op[1], op[2]
@@ -148,12 +149,18 @@ for _, a in ipairs(applied) do
     redis.call('ZADD', deaths, offset, id)
     redis.call('HSET', tombs, id, op[5])
   else
-    redis.call('ZADD', changes, offset, id)
+    -- One ZADD for the call (below). A call is creates, or one update or delete: no
+    -- id is both tracked and deleted in one.
+    tracked[#tracked + 1] = offset
+    tracked[#tracked + 1] = id
   end
   if op[9] ~= 0 then
     redis.call('SET', KEYS[op[9]], cmsgpack.pack({op[10], tonumber(ARGV[12]), offset, out[1],
                op[5]}), 'PX', idem_window)
   end
+end
+for at = 1, #tracked, 400 do
+  redis.call('ZADD', changes, unpack(tracked, at, math.min(at + 399, #tracked)))
 end
 redis.call('HSET', meta, 'e', out[1], 'o', last, 'h', tag)
 redis.call('ZREMRANGEBYSCORE', fences, '-inf', now - 2 * validity)

@@ -195,6 +195,7 @@ if not epoch then
 end
 
 local created = {}  -- ZADD arguments (score, member, ...) for the ids created
+local tracked = {}  -- partition -> ZADD arguments (offset, id, ...) of its change offsets
 for _, a in ipairs(applied) do
   local op, user_key, offset, batch = a[1], a[2], a[3], a[4]
   local kind, id, old_email, new_email = op[1], op[2], op[4], op[5]
@@ -220,7 +221,15 @@ for _, a in ipairs(applied) do
     redis.call('ZADD', prefix .. 'dead:' .. p, offset, id)
     redis.call('HSET', prefix .. 'tomb:' .. p, id, op[8])
   else
-    redis.call('ZADD', prefix .. 'chg:' .. p, offset, id)
+    -- Change offsets go in one ZADD per partition (below), as the ids do. (A call is
+    -- creates, or one update or delete: no id is both tracked and deleted in one.)
+    local t = tracked[p]
+    if not t then
+      t = {}
+      tracked[p] = t
+    end
+    t[#t + 1] = offset
+    t[#t + 1] = id
   end
   if op[9] ~= '' then
     redis.call('SET', prefix .. 'idem:' .. op[9],
@@ -236,6 +245,11 @@ end
 -- One ZADD per few hundred ids instead of one per id (unpack has a stack limit).
 for first = 1, #created, 400 do
   redis.call('ZADD', ids, unpack(created, first, math.min(first + 399, #created)))
+end
+for partition, t in pairs(tracked) do
+  for first = 1, #t, 400 do
+    redis.call('ZADD', prefix .. 'chg:' .. partition, unpack(t, first, math.min(first + 399, #t)))
+  end
 end
 
 -- Age limit: drop entries older than max_age from the head (a few per write keeps up), and
