@@ -188,7 +188,8 @@ def _parser() -> argparse.ArgumentParser:
     imp = user_command("import", "bulk-create users from a CSV or JSON-lines file",
                        _user_import)
     imp.description = (
-        "Bulk-create users from a CSV or JSON-lines file. Re-runnable: every row is sent with an idempotency key made from the file's content"
+        "Bulk-create users from a CSV or JSON-lines file. Re-runnable: every row is sent"
+        " with an idempotency key made from the file's content"
         " and the row's number, so running the same import again (after a crash, a cut"
         " connection, rows refused UNAVAILABLE) creates each row exactly once, and reports"
         " the rows an earlier run created as created. A different file, or the same file"

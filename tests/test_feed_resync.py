@@ -285,3 +285,45 @@ async def test_beyond_the_tombstone_retention_it_is_continuity_lost_and_a_snapsh
     assert (lost.reason, lost.action) == ("HISTORY_EXPIRED", "SNAPSHOT")
     snapshot = [e.user.id for i in items[1:] if isinstance(i, SyncBatch) for e in i.events]
     assert snapshot == [ada.id]
+
+
+async def test_a_feed_that_stalls_past_the_history_is_resynced_in_place(
+    redis_url: str, hub_process: Callable[..., HubProcess],
+) -> None:
+    # A live feed (no token) whose consumer stops reading while far more is written than the
+    # history keeps: the hub stops buffering for it, its position leaves the history, and the
+    # stream resyncs by state instead of ending; the feed never reconnects.
+    hub = hub_process(redis_url, args=[*SMALL, "--subscriber-max-events", "200",
+                                       "--bulk-batch-size", "100"], **FAST)
+    small_window = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16_384))
+    view: View = {}
+    feed = SyncFeed(hub.target, options=small_window)
+    stalled, go_on = anyio.Event(), anyio.Event()
+    items: list[SyncBatch | ContinuityLost] = []
+
+    async def follow() -> None:
+        async for item in feed:
+            items.append(item)
+            assert isinstance(item, SyncBatch), item
+            for event in item.events:
+                apply(view, event)
+            if not stalled.is_set():
+                stalled.set()  # subscribed (a heartbeat); now it stops reading
+                await go_on.wait()
+            if isinstance(item, Resynced):
+                return
+
+    async with AsyncUserClient(hub.target) as users, feed:
+        with anyio.fail_after(90):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(follow)
+                await stalled.wait()
+                for n in range(4):
+                    await users.import_users(
+                        [pb.CreateUserRequest(email=f"s{n}-{i}@example.com", name="x" * 200)
+                         for i in range(1000)])
+                await anyio.sleep(1)
+                go_on.set()
+        assert isinstance(items[-1], Resynced)
+        assert feed.reconnects == 0
+        assert view == await hub_view(users)

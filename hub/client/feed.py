@@ -47,11 +47,11 @@ class SyncBatch:
 @dataclass(frozen=True, slots=True)
 class Resynced(SyncBatch):
     """The response that ends a resync by state (`resync_complete`): the feed resumed from a
-    token whose events had left the history (trimmed by size or age), and instead of replaying
-    them the hub sent every followed user changed since at its current state and every one
-    deleted since. The batches before this one carried those events (`SyncBatch.resync`); a
-    view that applied them (keeping a user if its version is newer, dropping it on
-    EVENT_TYPE_DELETED) now equals the hub's, and what follows is live.
+    token whose events had left the history (trimmed by size or age), or fell that far behind,
+    and instead of replaying them the hub sent every followed user changed since at its
+    current state and every one deleted since. The batches before this one carried those
+    events (`SyncBatch.resync`); a view that applied them (keeping a user if its version is
+    newer, dropping it on EVENT_TYPE_DELETED) now equals the hub's, and what follows is live.
 
     `updated` and `deleted` are the ids the resync sent, in the order sent (a resync cut and
     run again counts each id once). Being a SyncBatch, it carries the last response's own
@@ -106,9 +106,10 @@ class SyncFeed:
     A snapshot cut off before it completed is started again instead, and so is a resync.
     Other errors (e.g. INVALID_ARGUMENT) are raised as ClientError.
 
-    `resync` (default on): a resume from a token whose events have left the history is done by
-    state (Subscribe.catch_up = CATCH_UP_STATE; see `Resynced`) rather than ended with
-    OUT_OF_RANGE and a full snapshot. `resync=False` keeps the old behaviour.
+    `resync` (default on): a resume from a token whose events have left the history, or a
+    stream that fell so far behind that its position left it, is done by state
+    (Subscribe.catch_up = CATCH_UP_STATE; see `Resynced`) rather than ended with OUT_OF_RANGE
+    and a full snapshot. `resync=False` keeps the old behaviour.
 
     `min_position` (a write's `Written.position`, or any token): the feed's first response
     waits until the instance it reached has routed every event up to it, so a write made
@@ -178,7 +179,9 @@ class SyncFeed:
             user_ids=self._users, resume_token=self.resume_token, snapshot=self._snapshot,
             conflate=self._conflate, min_position=self._min_position,
         )
-        if self._resync and self.resume_token:
+        if self._resync:
+            # Also for a stream that starts live: one that falls behind past the history
+            # (it stopped reading for long) is then resynced in place rather than cut.
             subscribe.catch_up = common_pb2.CATCH_UP_STATE
         return subscribe
 
