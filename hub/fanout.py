@@ -64,6 +64,7 @@ from hub.errors import (
     RESYNC_BY_STATE,
     SNAPSHOT,
     HistoryLost,
+    PositionNotReached,
     StoreUnavailable,
 )
 from hub.replay import SharedHistory
@@ -301,6 +302,9 @@ class Fanout:
         self._lock = asyncio.Lock()  # one router at a time: listener or auditor
         self.ready = asyncio.Event()
         self.connected = False
+        # Streams holding their first response until the engine has routed up to a position
+        # (Subscribe.min_position): each with its future, done once reached.
+        self._waiters: list[tuple[Position, asyncio.Future[None]]] = []
         # (epoch, loop time, read) of the last earliest() (see there).
         self._earliest: tuple[str, float, asyncio.Task[Position]] | None = None
 
@@ -430,6 +434,62 @@ class Fanout:
                 " from is gone (Redis came back with older data?); start again from a snapshot"
             )
 
+    async def wait_for(self, position: Position, patience: float, sub: Subscription) -> None:
+        """Returns once this engine has routed every partition up to `position` (a write's
+        hub-position, a token: Subscribe.min_position), or once `sub` has failed (its owner
+        raises the error next). HistoryLost EPOCH_CHANGED for a position of another epoch;
+        PositionNotReached after `patience` seconds."""
+        if not position.epoch and not any(position.offsets):
+            return  # before the first write ever: reached by definition
+        if position.epoch != self.epoch:
+            # A write on another instance may have started an epoch this one has not seen
+            # yet: look once (its audit would, within a second) before saying it is gone.
+            async with self._lock:
+                await self._catch_up()
+        if self._reached(position):
+            return
+        future = asyncio.get_running_loop().create_future()
+        entry = (position, future)
+        self._waiters.append(entry)
+        sub._held = future
+        try:
+            await asyncio.wait_for(asyncio.shield(future), patience)
+        except TimeoutError:
+            raise PositionNotReached(patience) from None
+        finally:
+            sub._held = None
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+        if sub.error is None and position.epoch != self.epoch:
+            raise self._other_epoch(position)
+
+    def _reached(self, position: Position) -> bool:
+        """Routed up to `position`; HistoryLost where it is of another epoch."""
+        if position.epoch != self.epoch:
+            raise self._other_epoch(position)
+        return all(r <= p for r, p in zip(position.offsets, self._pos, strict=True))
+
+    def _other_epoch(self, position: Position) -> HistoryLost:
+        return HistoryLost(
+            EPOCH_CHANGED, f"subscribe.min_position is of history epoch {position.epoch},"
+            f" not the current {self.epoch}: the history it came from was reset")
+
+    def _release(self) -> None:
+        """Wakes the streams whose min_position the engine has now routed past (or whose
+        epoch is gone): called after each batch, repair and audit."""
+        if not self._waiters:
+            return
+        waiting = []
+        for position, future in self._waiters:
+            if future.done():
+                continue
+            if position.epoch != self.epoch or all(
+                    r <= p for r, p in zip(position.offsets, self._pos, strict=True)):
+                future.set_result(None)
+            else:
+                waiting.append((position, future))
+        self._waiters = waiting
+
     async def replay(
         self, sub: Subscription, start: Position, until: Position | None = None,
     ) -> AsyncIterator[tuple[list[Encoded], Position]]:
@@ -558,6 +618,12 @@ class Fanout:
     async def _catch_up(self) -> None:
         """Route whatever the store has that we have not (after a reconnect, or a lost tail),
         after checking it is still the history we follow."""
+        try:
+            await self._catch_up_unreleased()
+        finally:
+            self._release()
+
+    async def _catch_up_unreleased(self) -> None:
         switchovers = self._store.switchovers
         current = await self._store.position()
         if current.epoch != self.epoch:
@@ -583,6 +649,12 @@ class Fanout:
                 await self._repair(p, target)
 
     async def _on_batch(self, batch: EventBatch) -> None:
+        try:
+            await self._route_batch(batch)
+        finally:
+            self._release()
+
+    async def _route_batch(self, batch: EventBatch) -> None:
         if batch.epoch != self.epoch:
             current = await self._store.position()
             if current.epoch != self.epoch:

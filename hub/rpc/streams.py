@@ -336,6 +336,8 @@ class _Stream:
         try:
             event = await self._live.ops.apply(change_of(change))
             result.user.CopyFrom(user_to_pb(event.user))
+            # For Subscribe.min_position, as the unary RPCs' trailing hub-position.
+            result.position = resume.covering((event,), self._live.fanout.partitions)
         except errors.HubError as exc:
             result.code, result.message = code_of(exc).value[0], str(exc)
             if isinstance(exc, errors.InvalidArgument):
@@ -488,6 +490,8 @@ class _Stream:
         if not self._active:
             if users is not None:
                 await self._check_stream_users(list(users), set())
+            if request.min_position:
+                await self._hold(request.min_position)
             self._sub.conflate = request.conflate
             self._by_state = request.catch_up == common_pb2.CATCH_UP_STATE
             self._active = True
@@ -498,6 +502,17 @@ class _Stream:
             await self._add(users)
         if request.snapshot and not request.resume_token:  # a resume replays instead
             await self._snapshot(users)
+
+    async def _hold(self, min_position: str) -> None:
+        """Subscribe.min_position (read-your-writes): the subscription is set up, so its first
+        response (live, replay or snapshot) comes, only once this instance's engine has routed
+        every partition up to the position: a write made through any instance is then in what
+        the stream shows. UNAVAILABLE after settings.min_position_timeout."""
+        fanout = self._live.fanout
+        position = resume.decode(min_position, fanout.partitions, "subscribe.min_position")
+        await fanout.wait_for(position, self._live.settings.min_position_timeout, self._sub)
+        if self._sub.error is not None:
+            raise self._sub.error  # ended meanwhile (shutdown, a refused request)
 
     async def _first(self, request: common_pb2.Subscribe, users: set[str] | None) -> None:
         """The stream's first Subscribe: its users are indexed in one step, at the origin its
