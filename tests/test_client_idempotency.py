@@ -11,7 +11,12 @@ tests pause (SIGSTOP) while a write is on its way.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -26,7 +31,7 @@ import pytest
 from google.protobuf import empty_pb2
 
 from harness.hub import HubProcess
-from harness.redis import RedisProcess
+from harness.redis import RedisProcess, dying_with_parent
 from hub.api.user.v1 import common_pb2
 from hub.api.user.v1 import user_service_pb2 as pb
 from hub.api.user.v1 import user_service_pb2_grpc as pb_grpc
@@ -455,3 +460,43 @@ async def test_a_feed_given_a_write_position_shows_the_write(
         async with SyncFeed(b.target, min_position="not-a-token") as bad:
             async for _ in bad:
                 pass
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def hub_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    return subprocess.run([sys.executable, "-m", "hub", *args], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_cli_writes_take_a_key_and_print_their_position_for_watch(
+    redis_url: str, hub_process: Callable[..., HubProcess],
+) -> None:
+    a, b = hub_process(redis_url, **FAST), hub_process(redis_url, **FAST)
+    create = ["user", "create", "--target", a.target, "--email", "ivy@example.com",
+              "--idempotency-key", "ivy-1", "--position"]
+    first, again = hub_cli(*create), hub_cli(*create)
+    assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
+    assert json.loads(first.stdout) == json.loads(again.stdout)  # run twice, created once
+    position = re.search(r"^hub: position (\S+)$", first.stderr, re.MULTILINE)
+    assert position, first.stderr
+    other = hub_cli("user", "create", "--target", a.target, "--email", "ivy2@example.com",
+                    "--idempotency-key", "ivy-1")
+    assert other.returncode == 1 and "idempotency-key" in other.stderr
+
+    # Watched on B from that position: the snapshot shows the create.
+    watch = subprocess.Popen(
+        dying_with_parent([sys.executable, "-m", "hub", "watch", "--target", b.target,
+                           "--snapshot", "--min-position", position.group(1)]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("HUB_")})
+    try:
+        assert watch.stdout is not None
+        line = watch.stdout.readline()
+    finally:
+        watch.send_signal(signal.SIGTERM)
+        watch.communicate(timeout=30)
+    event = json.loads(line)
+    assert (event["type"], event["user"]["email"]) == ("EVENT_TYPE_SNAPSHOT", "ivy@example.com")

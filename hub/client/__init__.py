@@ -76,9 +76,11 @@ that leave its outcome unknown), within the call's one deadline (`timeout`):
 
 A bulk stream (`bulk_create`, `import_users`) with a key is the stream's: row N gets "K/N"
 (`import_users` rows may carry their own keys instead: `(request, key)` pairs). It is sent
-again by itself only on UNAVAILABLE, only when its rows can be iterated again (a list, a
-tuple: an iterable that is not an iterator), and with all the stream's deadline each time; rows
-the first attempt created are reported created again.
+again by itself only when its rows can be iterated again (a list, a tuple: an iterable that is
+not an iterator), on UNAVAILABLE in practice: each attempt has all of the stream's deadline
+that is left, so one that exceeds it leaves no time for another. Rows the first attempt
+created are reported created again. A generator's rows are sent once; to go again, send the
+same rows with the same key.
 
 Positions (read-your-writes). Every write method has a `*_with_position` twin returning a
 `Written(result, position)`: `position` is the hub's trailing `hub-position`, a token covering
