@@ -160,9 +160,12 @@ async def test_stalled_user_updates_stream_catches_up_too(roomy: HubServer) -> N
             grpc.aio.insecure_channel(target, options=SMALL_WINDOW) as slow:
         stub = UserServiceStub(channel)
         stalled = UserServiceStub(slow).UserUpdates(timeout=120)
-        await stalled.write(pb.UserUpdateRequest(subscribe=common_pb2.Subscribe()))
-        # UserUpdates has no heartbeat: a probe user proves its subscription is live.
         probe = await stub.CreateUser(pb.CreateUserRequest(email="p@example.com"), timeout=5)
+        await stalled.write(pb.UserUpdateRequest(subscribe=common_pb2.Subscribe()))
+        # UserUpdates has no heartbeat: Subscribes are acted on in order, so the snapshot a
+        # second one asks for proves the first is live.
+        await stalled.write(pb.UserUpdateRequest(subscribe=common_pb2.Subscribe(
+            user_ids=[probe.id], snapshot=True)))
         assert (await stalled.read()).id == probe.id
         caught_up = metric("hub_catchups_completed_total")
         written = await write(stub, 2000, 100, "u")

@@ -372,7 +372,8 @@ class _Stream:
         P and replay up to P, as a resume does. Memory stays bounded: the engine buffers
         nothing for it meanwhile, and a replay response holds at most _REPLAY_BATCH_BYTES."""
         sub, fanout = self._sub, self._live.fanout
-        near = max(1, fanout.limits.max_events // 2)
+        limits = fanout.limits
+        near = max(1, limits.max_events // 2)
         try:
             while sub.lagging:
                 if sub.error is not None:
@@ -387,8 +388,11 @@ class _Stream:
                             await self._replay(start)  # start..P: no gap, no duplicate
                             break  # and round again if it fell behind during that replay
                         until = fanout.position()
-                        await self._replay(start, until)
+                        items, size = await self._replay(start, until)
                         start = until
+                        if items:  # and within half the byte bound too, at this event size
+                            near = max(1, min(limits.max_events // 2,
+                                              limits.max_bytes // 2 * items // max(1, size)))
                 except errors.HistoryLost as exc:
                     if not self._resyncs(exc):
                         raise
@@ -398,13 +402,15 @@ class _Stream:
             raise
         sub.caught_up()
 
-    async def _replay(self, start: Position, until: Position | None = None) -> None:
+    async def _replay(self, start: Position, until: Position | None = None
+                      ) -> tuple[int, int]:
         """Sends the events between `start` and `until` (default: the origin) that the
         subscription wants, from the history, a few chunks per response, each response with
-        the token of where it brings the stream."""
+        the token of where it brings the stream. Returns how many it sent, and their bytes."""
         sub = self._sub
         batch: list[Encoded] = []
         size, reached = 0, None
+        sent = total = 0
         async for items, position in self._live.fanout.replay(sub, start, until):
             if sub.error is not None:
                 raise sub.error  # ended meanwhile: a refused request, an epoch change, shutdown
@@ -413,9 +419,11 @@ class _Stream:
             reached = position
             if size >= _REPLAY_BATCH_BYTES:
                 await self._send_replayed(batch, position)
+                sent, total = sent + len(batch), total + size
                 batch, size, reached = [], 0, None
         if reached is not None:
             await self._send_replayed(batch, reached)
+        return sent + len(batch), total + size
 
     async def _send_replayed(self, items: list[Encoded], position: Position) -> None:
         if self._sub.conflate:
