@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import os
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -53,6 +55,7 @@ from loadtest.bench.procs import (
     CpuMeter,
     Hub,
     log_summary,
+    nproc,
     start_hub,
     stop,
     tail,
@@ -65,6 +68,7 @@ IDS_KEY = "hub:ids"
 _PACED_CALLS_PER_S = 500  # as the latency section: above it the writer batches rows
 _MIN_WINDOW = 1.0  # s: the shortest catch-up window the latency is taken over
 _CAUGHT_UP_SLACK = 0.05  # s of writes: caught up once this close to the other subscribers
+_SLOW_PACE = 0.8  # of catchup_rate: a writer below it says the machine was saturated
 _POLL = 0.05  # s between the store's user counts while the stalled subscriber waits
 _SETTLE = 1.0  # s the probe reads on after its last expected event (a late duplicate)
 _METRICS = ("hub_catchups_completed_total", "hub_slow_consumer_disconnects_total",
@@ -88,6 +92,8 @@ class _Run:
     metrics_after: dict[str, float] = field(default_factory=dict)
     ids: int = 0  # users in the store after the run
     caught_up: float | None = None  # when the stalled subscriber had caught up (B)
+    meter: CpuMeter | None = None  # its CPU samples, for the catch-up window's
+    load: tuple[float, float] = (0.0, 0.0)  # the machine's 1-minute load average, start/end
 
 
 class CatchupSection(BenchBase):
@@ -114,6 +120,7 @@ class CatchupSection(BenchBase):
     async def _run(self, stalled: bool, rows: int, label: str) -> _Run:
         p = self.plan
         flags = ["--subscriber-max-events", str(p.catchup_max_events)]
+        load = os.getloadavg()[0]
         async with self._metered_hubs(label, flags) as (hubs, ports), \
                 self.children() as children:
             targets = [h.target for h in hubs]
@@ -158,6 +165,7 @@ class CatchupSection(BenchBase):
                    meter.percent(reply["started"], reply["ended"]),
                    [{"samples": s["samples"], "timeline": s["timeline"]} for s in stats],
                    samples, outcome, at_read, after, len(ids))
+        run.meter, run.load = meter, (load, os.getloadavg()[0])
         if outcome:
             run.caught_up = _caught_up(run, p.latency_subscribers // p.subscriber_processes,
                                        p.catchup_rate * _CAUGHT_UP_SLACK)
@@ -274,6 +282,47 @@ def _in_spans(run: _Run, spans: list[tuple[int, int]]) -> list[float]:
             for x in worker["samples"][first:last]]
 
 
+def _when(run: _Run, spans: list[tuple[int, int]]) -> tuple[float, float]:
+    """The wall-clock times the run's subscriber processes were at `spans` (the mean over
+    them of when each had received its first and its last delivery of its span)."""
+    def at(timeline: list[list[float]], count: int) -> float:
+        for t, c in timeline:
+            if c >= count:
+                return t
+        return timeline[-1][0] if timeline else run.start_at
+    firsts = [at(w["timeline"], f) for w, (f, _) in zip(run.workers, spans, strict=False)]
+    lasts = [at(w["timeline"], t) for w, (_, t) in zip(run.workers, spans, strict=False)]
+    return sum(firsts) / max(len(firsts), 1), sum(lasts) / max(len(lasts), 1)
+
+
+def _hub_cpu(a: _Run, b: _Run, spans: list[tuple[int, int]]) -> str:
+    """Hub A's and hub B's CPU over the catch-up's deliveries, in B and over the same
+    deliveries in A (% of one core, from 0.25 s samples)."""
+    out = []
+    for run in (a, b):
+        cpu = run.meter.percent(*_when(run, spans)) if run.meter else {}
+        out.append(f"{cpu.get('hub A', math.nan):.0f} / {cpu.get('hub B', math.nan):.0f}%")
+    return f"CPU of hub A / hub B: A {out[0]}, B {out[1]}"
+
+
+def _per_hub(a: _Run, b: _Run, spans: list[tuple[int, int]] | None = None) -> str:
+    """p99 of the subscribers on hub A (beside the stalled one, in B) and on hub B, in A and
+    in B: a busy moment of the machine moves both, the catch-up's cost on its hub only hub
+    A's. The first half of the subscriber processes are on hub A."""
+    half = len(a.workers) // 2
+    out = []
+    for run in (a, b):
+        whole = [(0, len(w["samples"])) for w in run.workers]
+        chosen = spans or whole
+        on_a = [x for w, (f, t) in zip(run.workers[:half], chosen[:half], strict=False)
+                for x in w["samples"][f:t]]
+        on_b = [x for w, (f, t) in zip(run.workers[half:], chosen[half:], strict=False)
+                for x in w["samples"][f:t]]
+        pa, pb = fanout.percentiles(on_a), fanout.percentiles(on_b)
+        out.append(f"{pa.get('p99', math.nan):.1f} / {pb.get('p99', math.nan):.1f}")
+    return f"p99 on hub A / hub B: A {out[0]}, B {out[1]} ms"
+
+
 def _ms(ms: dict[str, float]) -> str:
     if not ms.get("samples"):
         return "no samples"
@@ -352,7 +401,7 @@ def _rows(p: Any, rows_per_call: int, runs: list[tuple[_Run | None, _Run | None]
         if a is None or b is None:
             continue
         lines["whole"].append(f"round {n}: A {_ms(fanout.percentiles(a.samples))},"
-                              f" B {_ms(fanout.percentiles(b.samples))}")
+                              f" B {_ms(fanout.percentiles(b.samples))} ({_per_hub(a, b)})")
         window = _window(b, b.caught_up)
         if window is not None:
             spans = _spans(b, window)
@@ -361,11 +410,18 @@ def _rows(p: Any, rows_per_call: int, runs: list[tuple[_Run | None, _Run | None]
             pooled["B in"] += wb
             lines["during"].append(
                 f"round {n}: {window[0]:.1f}-{window[1]:.1f} s into B's writes, A"
-                f" {_ms(fanout.percentiles(wa))}, B {_ms(fanout.percentiles(wb))}")
+                f" {_ms(fanout.percentiles(wa))}, B {_ms(fanout.percentiles(wb))}"
+                f" ({_per_hub(a, b, spans)}; {_hub_cpu(a, b, spans)})")
     writes = [r.writes for r in a_runs + b_runs]
     rate = (f"achieved {min(w.per_s for w in writes):,.0f}-{max(w.per_s for w in writes):,.0f}"
             f" writes/s of {p.catchup_rate:,.0f} ({rows_per_call} row(s) per call, writer up to"
             f" {max(w.max_late_ms for w in writes):,.0f} ms late)") if writes else ""
+    slow = [w.per_s for w in writes if w.per_s < _SLOW_PACE * p.catchup_rate]
+    if slow:  # the pace was not kept: the machine was short of CPU, for the hub or not
+        loads = ", ".join(f"{r.load[0]:.1f}-{r.load[1]:.1f}" for r in a_runs + b_runs)
+        rate += (f"; BELOW {_SLOW_PACE:.0%} OF THE PACE in {len(slow)} of {len(writes)} runs:"
+                 f" the machine was saturated (1-minute load average over the runs: {loads}"
+                 f" on {nproc()} cores), so these latencies are mostly the machine's")
     for row, key, label, what in (
             (whole, "whole", "without it", "every delivery of the runs"),
             (during, "during", "the same writes without it",
@@ -405,4 +461,4 @@ def _detail(run: _Run) -> dict[str, Any]:
             "caught_up_s": round(run.caught_up - run.probe["reading_at"], 3)
             if run.caught_up and run.probe else None,
             "metrics_at_read": run.metrics_at_read, "metrics_after": run.metrics_after,
-            "store_users": run.ids}
+            "store_users": run.ids, "load_average": run.load}
