@@ -909,10 +909,12 @@ class Subscriber:
     async def run(self, stop: asyncio.Event) -> None:
         token, first = "", True
         while not stop.is_set():
+            # resync=False: the checker holds every feed to every event, in order; a resync by
+            # state (which skips to current states) is checked by tests/test_feed_resync.py.
             feed = self.feed = SyncFeed(
                 self.targets, self.log.users or (), resume_token=token,
                 snapshot=self.log.snapshot if first else not token, backoff=(0.05, 1.0),
-                options=SMALL_WINDOW)
+                options=SMALL_WINDOW, resync=False)
             first = False
             reconnects = 0
             async with feed:
