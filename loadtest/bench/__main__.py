@@ -55,11 +55,12 @@ Sections (--only picks some; all of them take about 3 minutes on 2 cores, --quic
   the fanout load also on the single node with --partitions 128. Every row gives the CPU each
   Redis node (per master and summed) and the hubs spent per event written, and which process
   (client, hub or Redis) was at a core's limit or waited for a CPU.
-- catchup (only with --only: not in the default run; about 1 1/2 minutes, --quick half a
-  minute): the latency load at 1000 writes/s on hubs with --subscriber-max-events 2000,
-  without (A) and with (B) one more subscriber on the first instance that stops reading until
-  60% of the writes are made, so its buffer overflows and it catches up from the history,
-  then reads everything; 2 rounds of A then B. Rows: the 20's p50/p99 in B beside A, over the
+- catchup (only with --only: not in the default run; 2 1/2 to 4 minutes on 2 cores, where
+  the writer keeps about a third of its pace, --quick under one): the latency load at 1000
+  writes/s on hubs with --subscriber-max-events 2000, without (A) and with (B) one more
+  subscriber on the first instance that stops reading until 60% of the writes are made, so
+  its buffer overflows and it catches up from the history, then reads everything; 2 rounds
+  of A then B. Rows: the 20's p50/p99 in B beside A, over the
   whole run and over its catch-up; it must not be cut and must get every event exactly once.
   The stalled client is `loadtest.stall_probe`.
 
