@@ -67,8 +67,8 @@ test_resume_on_the_other_instance_on_the_cluster = \
     live.test_resume_on_the_other_instance_gets_exactly_what_was_written
 test_feed_resumes_on_a_when_b_is_killed_on_the_cluster = \
     live.test_feed_resumes_on_a_when_b_is_killed_under_writes
-test_stalled_subscriber_is_cut_and_resumes_on_the_cluster = \
-    live.test_stalled_subscriber_is_cut_and_resumes_without_loss
+test_stalled_subscriber_catches_up_on_the_cluster = \
+    live.test_stalled_subscriber_catches_up_without_loss
 test_list_then_watch_misses_nothing_on_the_cluster = live.test_list_then_watch_misses_nothing
 test_snapshot_then_live_on_the_cluster = live.test_snapshot_then_live_in_one_stream
 test_user_filter_conflation_and_change_results_on_the_cluster = \
