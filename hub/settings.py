@@ -88,10 +88,13 @@ class Settings:
     heartbeat_interval: float = _setting(
         15.0, "seconds between heartbeat responses on an idle Sync stream")
     subscriber_max_events: int = _setting(
-        10_000, "unsent events a subscriber may fall behind by before it is cut with"
-        " RESOURCE_EXHAUSTED (and its resume token); must exceed the largest write batch")
+        10_000, "unsent events a subscriber may fall behind by before the engine stops"
+        " buffering for it and it catches up from the history at its own pace (cut,"
+        " OUT_OF_RANGE, only once its position leaves the history); must exceed the largest"
+        " write batch")
     subscriber_max_bytes: int = _setting(
-        8 * 1024 * 1024, "unsent bytes a subscriber may fall behind by before it is cut")
+        8 * 1024 * 1024, "unsent bytes a subscriber may fall behind by before it catches up"
+        " from the history the same way")
     max_subscription_users: int = _setting(10_000, "user ids one Subscribe may name")
     max_stream_users: int = _setting(
         20_000, "user ids one UserUpdates/Sync stream may follow in all (its Subscribes added"
