@@ -167,6 +167,13 @@ class Subscription:
             self.behind = True
             metrics.CATCHUP_SUBSCRIBERS.inc()
 
+    def fall_behind(self) -> None:
+        """The engine cannot give it what it missed (events lost before delivery): its owner
+        reads the history from `given`, as after an overflow, and meets the gap there."""
+        if self.error is None:
+            self._lag()
+            self.wake()
+
     def caught_up(self) -> None:
         """Its owner has replayed up to its origin since it rejoined: live again."""
         if self.behind and not self.lagging:
@@ -737,16 +744,13 @@ class Fanout:
 
     def _lose(self, p: int, lost_to: int) -> None:
         """Events of partition p up to `lost_to` are gone: whoever could have wanted one of
-        them has lost continuity and is told so."""
+        them goes to catch up from the history, which finds the gap: its stream resyncs by
+        state where it asked to, and is cut with HISTORY_EXPIRED otherwise."""
         log.error("fan-out: events %d..%d of partition %d left the history before delivery",
                   self._pos[p] + 1, lost_to, p)
-        error = HistoryLost(
-            HISTORY_EXPIRED, f"events of partition {p} were lost before delivery; resync by"
-            " state (subscribe.catch_up) or start again from a snapshot",
-        )
         for sub in [*self._all, *{s for subs in self._by_user.values() for s in subs}]:
             if p in sub.partitions(self.partitions):
-                sub.fail(error)
+                sub.fall_behind()
         self._pos[p] = lost_to
         self._tags[p] = ""
 
