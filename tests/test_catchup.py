@@ -12,8 +12,6 @@ import anyio
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from hub import metrics
 from hub.api.user.v1 import common_pb2
@@ -26,6 +24,7 @@ from hub.settings import Settings
 from hub.store.base import Store
 from hub.store.memory import MemoryStore
 from hub.store.redis import RedisStore
+from tests.test_live import error_info
 
 pytestmark = pytest.mark.anyio
 Key = tuple[str, int]  # (user id, version): one event
@@ -181,14 +180,6 @@ async def test_stalled_user_updates_stream_catches_up_too(roomy: HubServer) -> N
         stalled.cancel()
 
 
-def error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return info
-    raise AssertionError("no ErrorInfo")
 
 
 async def test_subscriber_that_falls_out_of_the_history_is_cut_with_details(

@@ -283,14 +283,19 @@ async def test_stalled_subscriber_catches_up_without_loss(
         assert sorted(keys) == sorted(keys_of(healthy_seen))
 
 
-def error_reason(err: grpc.aio.AioRpcError) -> str:
+def error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    """The ErrorInfo of a status, read as any gRPC client reads it (grpc-status-details-bin)."""
     status = rpc_status.from_call(err)  # type: ignore[arg-type]
     assert status is not None
     for detail in status.details:
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
-            return str(info.reason)
+            return info
     raise AssertionError("no ErrorInfo")
+
+
+def error_reason(err: grpc.aio.AioRpcError) -> str:
+    return str(error_info(err).reason)
 
 
 async def test_expired_token_and_reset_history_are_explicit(

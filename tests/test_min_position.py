@@ -13,8 +13,6 @@ import anyio
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from harness.hub import HubProcess
 from hub import resume
@@ -27,6 +25,7 @@ from hub.domain import EventBatch, Position
 from hub.rpc.server import HubServer
 from hub.settings import Settings
 from hub.store.memory import MemoryStore
+from tests.test_live import error_reason as reason
 
 pytestmark = pytest.mark.anyio
 WORKERS, TRIES = 10, 100  # 1,000 tries, 10 at a time
@@ -155,14 +154,6 @@ async def ended(call: grpc.aio.StreamStreamCall) -> grpc.aio.AioRpcError:
     return err.value
 
 
-def reason(err: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return str(info.reason)
-    raise AssertionError("no ErrorInfo")
 
 
 async def test_streamed_changes_return_a_position_that_user_updates_can_wait_for(

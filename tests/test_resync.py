@@ -12,8 +12,6 @@ import anyio
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from hub.api.user.v1 import common_pb2
 from hub.api.user.v1 import user_service_pb2 as pb
@@ -25,6 +23,7 @@ from hub.settings import Settings
 from hub.store.base import Store
 from hub.store.memory import MemoryStore
 from hub.store.redis import RedisStore
+from tests.test_live import error_info
 
 pytestmark = pytest.mark.anyio
 HISTORY = 10  # events kept per partition
@@ -50,15 +49,6 @@ async def channel(small: HubServer) -> AsyncIterator[grpc.aio.Channel]:
         yield ch
 
 
-def error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    """The ErrorInfo of a status, read as any gRPC client reads it (grpc-status-details-bin)."""
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return info
-    raise AssertionError("no ErrorInfo")
 
 
 async def list_with_token(stub: UserServiceStub) -> tuple[list[common_pb2.User], str]:
